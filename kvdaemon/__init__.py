@@ -1,0 +1,16 @@
+"""
+kvdaemon: a memcached-compatible key-value server on Twisted, with ordered
+key-range operations streamed from worker threads.
+
+Public API: :class:`KVDaemonService` (embed a server in a Twisted
+application), :class:`KVDaemonFactory` (the protocol factory beneath it),
+:class:`Settings` and :class:`Store`.
+"""
+
+from kvdaemon._factory import KVDaemonFactory
+from kvdaemon._service import DEFAULT_LISTEN, KVDaemonService
+from kvdaemon._settings import Settings
+from kvdaemon._store import Store
+from kvdaemon._version import __version__
+
+__all__ = ["DEFAULT_LISTEN", "KVDaemonFactory", "KVDaemonService", "Settings", "Store", "__version__"]

@@ -1,0 +1,316 @@
+# -*- test-case-name: tests.test_connection -*-
+"""
+One client connection: input buffering, protocol detection, reply order and
+flow control, shared by the text, meta and binary protocols.
+
+The connection owns the input buffer and hands it to a protocol handler
+(:class:`kvdaemon._text.TextHandler` or
+:class:`kvdaemon._binary.BinaryHandler`, picked from the first byte the
+client sends).  A handler's ``process(buffer, offset)`` executes complete
+requests from ``offset`` on and returns the offset of the first byte it did
+not consume.  It stops early when :attr:`Connection.blocked` becomes true:
+
+- a streaming job started (:meth:`Connection.start_stream`): later
+  pipelined requests wait until the job's output has been written, so
+  replies leave in request order;
+- the transport paused us because its write buffer is full: like
+  memcached, a connection whose output is backed up is not read;
+- the connection is closing.
+
+While blocked, received bytes accumulate; past
+:attr:`Settings.max_pending_input` the connection stops reading from the
+socket (``transport.pauseProducing``) until the backlog has been processed.
+
+The connection is registered once, in ``connectionMade``, as the
+transport's streaming producer, and routes pause, resume and stop to the
+running stream, if any.
+
+Twisted's ``LineReceiver`` is not used for framing: memcached requests mix
+lines with length-prefixed data blocks and binary headers, and
+``LineReceiver`` copies the rest of its buffer for every line it splits
+off, which is quadratic in the number of pipelined requests per read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol
+
+from twisted.internet import protocol
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kvdaemon._streaming import Stream, StreamJob, StreamStalled
+
+if TYPE_CHECKING:
+    from kvdaemon._factory import KVDaemonFactory
+
+#: The first byte of every binary protocol request.
+BINARY_REQUEST_MAGIC = 0x80
+
+
+class Handler(TypingProtocol):
+    """What the connection needs from a protocol handler."""
+
+    def process(self, buffer: bytes, offset: int) -> int:
+        """Execute complete requests in ``buffer`` from ``offset``; return the first unconsumed offset."""
+
+    def connection_lost(self) -> None:
+        """Release anything the handler holds for the connection."""
+
+
+def describe_address(address: object) -> str:
+    """Format a Twisted address as memcached does: ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    port = getattr(address, "port", None)
+    if port is not None:
+        kind = "tcp6" if getattr(address, "type", "") == "TCP" and ":" in address.host else "tcp"
+        return "%s:%s:%d" % (kind, address.host, port)
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return "unix:%s" % (name or "")
+
+
+@implementer(IPushProducer)
+class Connection(protocol.Protocol):
+    """
+    A client connection to a :class:`kvdaemon.KVDaemonFactory`.
+
+    Every method runs on the reactor thread.
+    """
+
+    log = Logger()
+    factory: KVDaemonFactory
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+        #: Chunks received while waiting for ``_wanted`` bytes in all.
+        self._chunks: list[bytes] = []
+        self._chunks_length = 0
+        #: Bytes from ``_offset`` the handler needs before it can progress.
+        self.wanted = 0
+        self.handler: Handler | None = None
+        self.stream: Stream | None = None
+        #: True while the transport's write buffer is over its limit.
+        self.producer_paused = False
+        self.reading_paused = False
+        self.closing = False
+        self.peer = "unknown"
+        self.stats = None
+        #: A number unique within the server, shown by ``stats conns``.
+        self.connection_id = 0
+        #: The client and local addresses as ``stats conns`` shows them.
+        self.address = ""
+        self.listen_address = ""
+        self.last_request_time = 0.0
+
+    # -- IProtocol --
+
+    def connectionMade(self) -> None:
+        self.stats = self.factory.stats
+        self.peer = describe_address(self.transport.getPeer())
+        self.address = self.peer
+        self.listen_address = describe_address(self.transport.getHost())
+        self.last_request_time = self.factory.reactor.seconds()
+        self.transport.registerProducer(self, True)
+        self.factory.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stats.bytes_read += len(data)
+        self.last_request_time = self.factory.reactor.seconds()
+        if self.wanted:
+            self._chunks.append(data)
+            self._chunks_length += len(data)
+            if len(self._buffer) - self._offset + self._chunks_length < self.wanted:
+                self._check_backlog()
+                return
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._chunks_length = 0
+        if self._offset:
+            self._buffer = self._buffer[self._offset :] + data
+            self._offset = 0
+        elif self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
+        self.process_input()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closing = True
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.handler is not None:
+            self.handler.connection_lost()
+        self.factory.connection_closed(self)
+
+    # -- input processing --
+
+    @property
+    def blocked(self) -> bool:
+        """Whether handlers must stop executing requests for now."""
+        return self.stream is not None or self.producer_paused or self.closing
+
+    def process_input(self) -> None:
+        """Execute buffered requests until the buffer runs dry or the connection blocks."""
+        if not self.blocked and self._offset < len(self._buffer):
+            if self.handler is None:
+                self.handler = self._detect_protocol(self._buffer[self._offset])
+            self.wanted = 0
+            try:
+                self._offset = self.handler.process(self._buffer, self._offset)
+            except Exception:
+                self.log.failure(
+                    "Unexpected error serving {peer}; closing the connection",
+                    peer=self.peer,
+                )
+                self.close()
+                return
+            if self._offset >= len(self._buffer):
+                self._buffer = b""
+                self._offset = 0
+        self._check_backlog()
+
+    def _detect_protocol(self, first_byte: int) -> Handler:
+        if first_byte == BINARY_REQUEST_MAGIC:
+            from kvdaemon._binary import BinaryHandler
+
+            return BinaryHandler(self)
+        from kvdaemon._text import TextHandler
+
+        return TextHandler(self)
+
+    def _check_backlog(self) -> None:
+        backlog = len(self._buffer) - self._offset + self._chunks_length
+        limit = self.factory.settings.max_pending_input
+        if backlog > limit and self.blocked and not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+        elif self.reading_paused and (backlog <= limit or not self.blocked):
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    @property
+    def state_name(self) -> str:
+        """The connection's state in memcached's ``stats conns`` words."""
+        if self.closing:
+            return "conn_closing"
+        if self.stream is not None or self.producer_paused:
+            return "conn_mwrite"
+        if self.wanted:
+            return "conn_nread"
+        return "conn_parse_cmd"
+
+    # -- output --
+
+    def write(self, data: bytes) -> None:
+        """Send one reply (reactor thread only)."""
+        self.stats.bytes_written += len(data)
+        self.transport.write(data)
+
+    def write_sequence(self, chunks: list[bytes]) -> None:
+        """Send several replies at once (reactor thread only)."""
+        self.stats.bytes_written += sum(map(len, chunks))
+        self.transport.writeSequence(chunks)
+
+    def close(self) -> None:
+        """
+        Close the connection after the replies already written.
+
+        The producer is unregistered first: a transport with a paused
+        streaming producer never finishes closing.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        if self.stream is not None:
+            self.stream.cancel()
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- streaming --
+
+    def start_stream(self, job: StreamJob, on_done: Callable[[], None] | None = None) -> bool:
+        """
+        Run ``job`` on the worker pool, streaming its output to this client.
+
+        Later requests wait until the job's output has been written.
+        :return: False, after doing nothing, when the server already runs
+            its maximum number of streams; the caller then replies with an
+            error.
+        """
+        factory = self.factory
+        if self.stats.streams_running >= factory.settings.max_streams:
+            self.stats.streams_rejected += 1
+            self.log.warn(
+                "Rejected a stream for {peer}: {running} streams already running",
+                peer=self.peer,
+                running=self.stats.streams_running,
+            )
+            return False
+        self.stats.streams_started += 1
+        self.stats.streams_running += 1
+        stream = Stream(
+            job,
+            reactor=factory.reactor,
+            threadpool=factory.threadpool,
+            write_sequence=self.write_sequence,
+            spool_limit=factory.settings.stream_buffer,
+            stall_timeout=factory.settings.stall_timeout,
+            paused=self.producer_paused,
+        )
+        self.stream = stream
+        factory.streams.add(stream)
+        stream.start().addBoth(self._stream_ended, stream, on_done)
+        return True
+
+    def _stream_ended(self, result: object, stream: Stream, on_done: Callable[[], None] | None) -> None:
+        self.stats.streams_running -= 1
+        self.stats.stream_bytes += stream.bytes_sent
+        self.stats.stream_reactor_hops += stream.reactor_hops
+        self.factory.streams.discard(stream)
+        if self.stream is stream:
+            self.stream = None
+        if isinstance(result, Failure):
+            if result.check(StreamStalled):
+                self.stats.streams_stalled += 1
+                self.log.warn(
+                    "Closing {peer}: the client read nothing for {timeout} seconds during a stream",
+                    peer=self.peer,
+                    timeout=self.factory.settings.stall_timeout,
+                )
+                self.close()
+            elif result.check(CancelledError):
+                self.stats.streams_cancelled += 1
+            else:
+                self.log.failure("Stream for {peer} failed; closing the connection", result, peer=self.peer)
+                self.close()
+            return
+        if on_done is not None and not self.closing:
+            on_done()
+        self.process_input()
+
+    # -- IPushProducer, called by the transport --
+
+    def pauseProducing(self) -> None:
+        if self.producer_paused:
+            return
+        self.producer_paused = True
+        if self.stream is not None:
+            self.stream.pause()
+
+    def resumeProducing(self) -> None:
+        if not self.producer_paused:
+            return
+        self.producer_paused = False
+        if self.stream is not None:
+            self.stream.resume()
+        self.process_input()
+
+    def stopProducing(self) -> None:
+        self.closing = True
+        if self.stream is not None:
+            self.stream.cancel()

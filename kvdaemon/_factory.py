@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The protocol factory: the state that every connection of one server shares
+(settings, store, statistics, worker pool, running streams).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from kvdaemon._connection import Connection
+from kvdaemon._settings import Settings
+from kvdaemon._stats import Stats
+from kvdaemon._store import Store
+from kvdaemon._streaming import Stream
+
+
+class _TooManyConnections(protocol.Protocol):
+    """Tell the client the server is full and hang up, as memcached does."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"ERROR Too many open connections\r\n")
+        self.transport.loseConnection()
+
+
+class KVDaemonFactory(protocol.Factory):
+    """
+    Builds :class:`Connection` protocols that serve one shared store.
+
+    All methods run on the reactor thread.
+
+    :param settings: limits and switches.
+    :param reactor: the reactor that connections, timers and thread
+        hand-offs use.
+    :param threadpool: the pool streaming jobs run on; its owner (normally
+        :class:`kvdaemon.KVDaemonService`) starts and stops it.
+    :param store: the store to serve; by default a new empty one sized
+        from ``settings``.
+    """
+
+    log = Logger()
+    protocol = Connection
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reactor: Any,
+        threadpool: ThreadPool,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.threadpool = threadpool
+        if store is None:
+            store = Store(reactor.seconds, settings.max_memory, settings.max_item_size)
+        self.store = store
+        self.stats = Stats(started=reactor.seconds())
+        self.connections: set[Connection] = set()
+        self.streams: set[Stream] = set()
+        #: The verbosity level last set by a client's ``verbosity`` command.
+        self.verbosity = 0
+        #: Endpoint descriptions this server listens on, for ``stats settings``.
+        self.listen_descriptions: list[str] = []
+        #: Per-server state that the binary protocol's resumable scans keep.
+        self.scans: Any = None
+        self._last_connection_id = 0
+
+    def reset_stats(self) -> None:
+        """Zero the counters that ``stats reset`` clears, keeping gauges such as open connections."""
+        old = self.stats
+        self.stats = Stats(
+            started=old.started,
+            curr_connections=old.curr_connections,
+            total_connections=0,
+            streams_running=old.streams_running,
+            scans_open=old.scans_open,
+        )
+        for connection in self.connections:
+            connection.stats = self.stats
+            if connection.handler is not None:
+                connection.handler.stats = self.stats
+        self.store.evictions = 0
+        self.store.total_items = 0
+        self.store.reclaimed = 0
+        self.store.expired_unfetched = 0
+        self.store.evicted_unfetched = 0
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
+        if len(self.connections) >= self.settings.max_connections:
+            self.stats.rejected_connections += 1
+            self.log.warn(
+                "Rejected a connection from {peer}: {limit} connections already open",
+                peer=addr,
+                limit=self.settings.max_connections,
+            )
+            rejected = _TooManyConnections()
+            rejected.factory = self
+            return rejected
+        return super().buildProtocol(addr)
+
+    def connection_opened(self, connection: Connection) -> None:
+        """Count a new connection and give it an id."""
+        self._last_connection_id += 1
+        connection.connection_id = self._last_connection_id
+        self.connections.add(connection)
+        self.stats.curr_connections += 1
+        self.stats.total_connections += 1
+
+    def connection_closed(self, connection: Connection) -> None:
+        """Forget a closed connection."""
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.stats.curr_connections -= 1
+
+    def cancel_streams(self) -> None:
+        """Cancel every running stream, for example at shutdown."""
+        for stream in list(self.streams):
+            stream.cancel()

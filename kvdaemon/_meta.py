@@ -1,0 +1,5 @@
+"""memcached's meta commands (placeholder until implemented)."""
+
+
+def text_commands(handler):
+    return {}

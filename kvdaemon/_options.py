@@ -1,0 +1,135 @@
+# -*- test-case-name: tests.test_options -*-
+"""
+The ``twistd kvdaemon`` command line: option parsing, validation and the
+service it builds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from kvdaemon._service import DEFAULT_LISTEN, KVDaemonService
+from kvdaemon._settings import MiB, Settings
+
+
+def _bounded(name: str, value: str, low: float, high: float, unit: str, kind: type = int) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise usage.UsageError(
+            "Invalid value %r for --%s: expected %s from %s to %s %s."
+            % (value, name, "an integer" if kind is int else "a number", low, high, unit)
+        )
+    return number
+
+
+def read_sasl_file(path: str) -> dict[bytes, bytes]:
+    """
+    Read SASL PLAIN credentials: one ``user:password`` per line.
+
+    Blank lines and lines starting with ``#`` are ignored.
+    :raise usage.UsageError: the file cannot be read or a line has no colon.
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as error:
+        raise usage.UsageError("Cannot read --sasl-file %s: %s" % (path, error.strerror))
+    users: dict[bytes, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith(b"#"):
+            continue
+        user, colon, password = line.partition(b":")
+        if not colon or not user:
+            raise usage.UsageError("Invalid line %d in --sasl-file %s: expected user:password." % (number, path))
+        users[user] = password
+    if not users:
+        raise usage.UsageError("--sasl-file %s contains no user:password lines." % (path,))
+    return users
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd kvdaemon``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the memcached text, meta and binary protocols, plus ordered "
+        "range operations, from an in-memory store. Listens on "
+        + DEFAULT_LISTEN
+        + " unless --listen is given."
+    )
+
+    optParameters = [
+        ["max-memory", "m", "64", "Item memory in MiB before LRU eviction starts (1 to 1048576)."],
+        ["max-item-size", "I", str(MiB), "Largest item in bytes (1024 to 134217728)."],
+        ["max-connections", "c", "1024", "Connections served at once (1 to 1000000)."],
+        ["threads", "t", "4", "Worker threads for range operations (1 to 256)."],
+        [
+            "stream-buffer",
+            None,
+            str(256 * 1024),
+            "Bytes a range operation may have produced per connection before the client has taken them"
+            " (4096 to 67108864).",
+        ],
+        [
+            "stall-timeout",
+            None,
+            "60",
+            "Seconds a range operation may wait for a client that reads nothing before the connection is"
+            " closed (0.1 to 86400).",
+        ],
+        ["max-streams", None, "256", "Range operations running at once across all connections (1 to 100000)."],
+        ["max-scans", None, "64", "Open resumable range scans (binary protocol) at once (1 to 100000)."],
+        ["scan-lifetime", None, "60", "Seconds an idle resumable range scan is kept (1 to 86400)."],
+        ["sasl-file", None, None, "Require SASL PLAIN authentication; the file has one user:password per line."],
+    ]
+    optFlags = [
+        ["disable-flush", None, "Reject flush_all and range deletes, the commands that destroy data in bulk."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a Twisted server endpoint (repeatable), e.g. tcp:11211:interface=127.0.0.1 or unix:/run/kv.sock."""
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        sasl_users = None
+        if self["sasl-file"]:
+            sasl_users = read_sasl_file(self["sasl-file"])
+        self["settings"] = Settings(
+            max_memory=_bounded("max-memory", self["max-memory"], 1, 1048576, "MiB") * MiB,
+            max_item_size=_bounded("max-item-size", self["max-item-size"], 1024, 128 * MiB, "bytes"),
+            max_connections=_bounded("max-connections", self["max-connections"], 1, 1000000, "connections"),
+            threads=_bounded("threads", self["threads"], 1, 256, "threads"),
+            stream_buffer=_bounded("stream-buffer", self["stream-buffer"], 4096, 64 * MiB, "bytes"),
+            stall_timeout=_bounded("stall-timeout", self["stall-timeout"], 0.1, 86400, "seconds", float),
+            max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
+            max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),
+            scan_lifetime=_bounded("scan-lifetime", self["scan-lifetime"], 1, 86400, "seconds", float),
+            allow_destructive=not self["disable-flush"],
+            sasl_users=sasl_users,
+        )
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        from twisted.internet.endpoints import serverFromString
+
+        class _NoReactor:
+            pass
+
+        for description in self["listen"]:
+            try:
+                serverFromString(_NoReactor(), description)
+            except (ValueError, TypeError, KeyError) as error:
+                raise usage.UsageError("Invalid --listen endpoint %r: %s" % (description, error))
+
+
+def make_service(options: Options) -> KVDaemonService:
+    """Build the service that ``twistd kvdaemon`` runs."""
+    return KVDaemonService(options["settings"], options["listen"])

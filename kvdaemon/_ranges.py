@@ -1,0 +1,5 @@
+"""Range commands (placeholder until implemented)."""
+
+
+def text_commands(handler):
+    return {}

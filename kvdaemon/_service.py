@@ -1,0 +1,111 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The kvdaemon service: listening endpoints, the worker pool and the factory,
+started and stopped together, for ``twistd kvdaemon`` or any Twisted
+application.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from kvdaemon._factory import KVDaemonFactory
+from kvdaemon._settings import Settings
+
+#: Where the server listens unless told otherwise: loopback only, like a
+#: safely configured memcached.
+DEFAULT_LISTEN = "tcp:11211:interface=127.0.0.1"
+
+
+class KVDaemonService(service.Service):
+    """
+    A kvdaemon server as a Twisted service.
+
+    ``startService`` starts the worker pool and listens on every endpoint;
+    ``stopService`` stops listening, cancels running streams (it never
+    waits for a client), then stops the pool.  The pool is the service's
+    own, never the reactor's shared one.
+
+    :param settings: limits and switches.
+    :param listen: Twisted server endpoint descriptions, such as
+        ``"tcp:11211:interface=127.0.0.1"`` or ``"unix:/run/kv.sock"``.
+    :param reactor: the reactor to use; the global one by default.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        listen: Sequence[str] = (DEFAULT_LISTEN,),
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.settings = settings if settings is not None else Settings()
+        self.listen = list(listen)
+        self.reactor = reactor
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=self.settings.threads, name="kvdaemon-workers")
+        self.factory = KVDaemonFactory(self.settings, reactor=reactor, threadpool=self.threadpool)
+        self.factory.listen_descriptions = self.listen
+        #: The ports listened on, once :meth:`startService` has run.
+        self.ports: list[IListeningPort] = []
+
+    def startService(self) -> None:
+        """
+        Start the pool and listen on every endpoint.
+
+        :raise Exception: whatever an endpoint raised when it could not
+            listen (an address in use, a bad description), so that twistd
+            exits instead of running a server that serves nothing.
+        """
+        self.threadpool.start()
+        for description in self.listen:
+            endpoint = serverFromString(self.reactor, description)
+            failures: list[Any] = []
+            d = endpoint.listen(self.factory)
+            d.addCallbacks(self.ports.append, failures.append)
+            if failures:
+                self.log.error(
+                    "Could not listen on {endpoint}: {error}",
+                    endpoint=description,
+                    error=failures[0].value,
+                )
+                self._stop_listening_and_pool()
+                failures[0].raiseException()
+            self.log.info(
+                "kvdaemon listening on {endpoint}",
+                endpoint=description,
+            )
+        super().startService()
+        self.log.info(
+            "kvdaemon started: {max_memory} bytes of item memory, {threads} worker threads",
+            max_memory=self.settings.max_memory,
+            threads=self.settings.threads,
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop listening, cancel every stream and stop the pool."""
+        super().stopService()
+        return self._stop_listening_and_pool()
+
+    def _stop_listening_and_pool(self) -> defer.Deferred[None]:
+        ports, self.ports = self.ports, []
+        stopped = [defer.maybeDeferred(port.stopListening) for port in ports]
+        self.factory.cancel_streams()
+        if self.factory.scans is not None:
+            self.factory.scans.close()
+        if self.threadpool.started:
+            self.threadpool.stop()
+        d = defer.gatherResults(stopped, consumeErrors=True)
+        d.addCallback(lambda _: self.log.info("kvdaemon stopped"))
+        return d

@@ -1,0 +1,426 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The in-memory item store: ordered by key bytes, lazily expired, LRU-evicted.
+
+Threading: every mutation happens on the reactor thread.  Worker threads
+only read, through :meth:`Store.scan`, which holds :attr:`Store.lock` for
+one short batch at a time; mutations take the same lock, so a worker never
+sees a half-applied change.  Reads on the reactor thread take the lock too
+(it is uncontended unless a worker batch is running).
+
+Each item is kept as one ``bytes`` record, a fixed header followed by the
+value, because a Python object per field would cost several times the
+value's own size for small items.  The records live in an ``OrderedDict``
+whose order is the LRU order, and a ``SortedList`` of the keys gives
+range scans their bytewise order.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterator, NamedTuple
+
+from sortedcontainers import SortedList
+
+#: memcached treats an expiry time above 30 days as an absolute Unix time.
+MAX_RELATIVE_EXPIRY = 60 * 60 * 24 * 30
+
+#: Bytes that memcached 1.6 adds to every item for its header; counted
+#: against the memory limit so that ``limit_maxbytes`` means about the same
+#: number of items here as in memcached.
+ITEM_OVERHEAD = 48
+
+#: The longest key memcached accepts.
+MAX_KEY_LENGTH = 250
+
+#: An item is bumped to the LRU head at most once per this many seconds,
+#: like memcached's ``ITEM_UPDATE_INTERVAL``; the last-access time reported
+#: by metadump has the same granularity.
+BUMP_INTERVAL = 60
+
+# flags u32, absolute expiry u32 (0 = never), CAS u64, last access u32,
+# fetched u8.
+_HEADER = struct.Struct("<IIQIB")
+_HEADER_SIZE = _HEADER.size
+
+
+class Item(NamedTuple):
+    """
+    A decoded item: the value, its client flags, the absolute expiry time
+    (Unix seconds, 0 for never), the CAS unique, the last access time (Unix
+    seconds) and whether it has been fetched since it was stored.
+    """
+
+    value: bytes
+    flags: int
+    exptime: int
+    cas: int
+    last_access: int
+    fetched: bool
+
+
+def _decode(record: bytes) -> Item:
+    flags, exptime, cas, last_access, fetched = _HEADER.unpack_from(record)
+    return Item(record[_HEADER_SIZE:], flags, exptime, cas, last_access, bool(fetched))
+
+
+def absolute_expiry(exptime: int, now: float) -> int:
+    """
+    Convert a protocol expiry time to an absolute Unix time.
+
+    0 means never (returned as 0).  Up to 30 days is relative to ``now``;
+    larger is already absolute.  Negative values, and absolute times not
+    after ``now``, mean "already expired" and return -1.
+    """
+    if exptime == 0:
+        return 0
+    if exptime < 0:
+        return -1
+    if exptime <= MAX_RELATIVE_EXPIRY:
+        return int(now) + exptime
+    if exptime <= now:
+        return -1
+    return exptime
+
+
+class StoreResult:
+    """The outcome names of conditional store operations."""
+
+    STORED = "stored"
+    NOT_STORED = "not_stored"
+    EXISTS = "exists"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    NON_NUMERIC = "non_numeric"
+
+
+class Store:
+    """
+    Items keyed by byte strings, in bytewise order.
+
+    :param clock: returns the current Unix time in seconds (for example
+        ``reactor.seconds``); called on the reactor thread and, from
+        :meth:`scan`, on worker threads.
+    :param max_memory: bytes of items (key, value and ``ITEM_OVERHEAD``
+        each) kept before the least recently used items are evicted.
+    :param max_item_size: the largest item, counted the same way, that the
+        store accepts.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        max_memory: int = 64 * 1024 * 1024,
+        max_item_size: int = 1024 * 1024,
+    ) -> None:
+        self.clock = clock
+        self.max_memory = max_memory
+        self.max_item_size = max_item_size
+        self.lock = threading.Lock()
+        self._records: OrderedDict[bytes, bytes] = OrderedDict()
+        self._keys = SortedList()
+        self._next_cas = 1
+        self.bytes_used = 0
+        self.evictions = 0
+        self.expired_unfetched = 0
+        self.evicted_unfetched = 0
+        self.reclaimed = 0
+        self.total_items = 0
+        #: Items with a last-access time before this are treated as gone
+        #: (``flush_all`` with a delay sets it in the future).
+        self.flushed_before = 0.0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- internal helpers (lock held by the caller) --
+
+    def _size(self, key: bytes, record: bytes) -> int:
+        return len(key) + len(record) - _HEADER_SIZE + ITEM_OVERHEAD
+
+    def _is_live(self, record: bytes, now: float) -> bool:
+        exptime = _HEADER.unpack_from(record)[1]
+        if exptime and exptime <= now:
+            return False
+        if self.flushed_before and self.flushed_before <= now:
+            stored_at = _HEADER.unpack_from(record)[3]
+            if stored_at <= self.flushed_before:
+                return False
+        return True
+
+    def _unlink(self, key: bytes) -> bytes:
+        record = self._records.pop(key)
+        self._keys.remove(key)
+        self.bytes_used -= self._size(key, record)
+        return record
+
+    def _lookup(self, key: bytes, now: float) -> bytes | None:
+        record = self._records.get(key)
+        if record is None:
+            return None
+        if not self._is_live(record, now):
+            if not record[_HEADER_SIZE - 1]:
+                self.expired_unfetched += 1
+            self.reclaimed += 1
+            self._unlink(key)
+            return None
+        return record
+
+    def _link(self, key: bytes, record: bytes) -> None:
+        old = self._records.get(key)
+        if old is not None:
+            self.bytes_used -= self._size(key, old)
+            self._records[key] = record
+            self._records.move_to_end(key)
+        else:
+            self._records[key] = record
+            self._keys.add(key)
+        self.bytes_used += self._size(key, record)
+        self.total_items += 1
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes_used > self.max_memory and self._records:
+            key, record = self._records.popitem(last=False)
+            self._keys.remove(key)
+            self.bytes_used -= self._size(key, record)
+            if self._is_live(record, self.clock()):
+                self.evictions += 1
+                if not record[_HEADER_SIZE - 1]:
+                    self.evicted_unfetched += 1
+            else:
+                self.reclaimed += 1
+
+    def _new_cas(self) -> int:
+        cas = self._next_cas
+        self._next_cas += 1
+        return cas
+
+    def _pack(self, value: bytes, flags: int, exptime: int, cas: int, now: float, fetched: bool = False) -> bytes:
+        return _HEADER.pack(flags, exptime, cas, int(now), fetched) + value
+
+    # -- reactor-thread API --
+
+    def fits(self, key: bytes, value_length: int) -> bool:
+        """Return whether an item with this key and value length fits the item size limit."""
+        return len(key) + value_length + ITEM_OVERHEAD <= self.max_item_size
+
+    def get(self, key: bytes, bump: bool = True) -> Item | None:
+        """
+        Return the live item stored under ``key``, or ``None``.
+
+        With ``bump`` the item is marked fetched and, at most once per
+        ``BUMP_INTERVAL``, moved to the head of the LRU.
+        """
+        now = self.clock()
+        with self.lock:
+            record = self._lookup(key, now)
+            if record is None:
+                return None
+            if bump:
+                last_access = _HEADER.unpack_from(record)[3]
+                if not record[_HEADER_SIZE - 1] or now - last_access >= BUMP_INTERVAL:
+                    flags, exptime, cas, _, _ = _HEADER.unpack_from(record)
+                    self._records[key] = record = _HEADER.pack(flags, exptime, cas, int(now), True) + record[_HEADER_SIZE:]
+                    self._records.move_to_end(key)
+        return _decode(record)
+
+    def store(
+        self,
+        mode: str,
+        key: bytes,
+        value: bytes,
+        flags: int,
+        exptime: int,
+        cas: int = 0,
+    ) -> tuple[str, int]:
+        """
+        Store an item the way memcached's storage commands do.
+
+        :param mode: one of ``set add replace append prepend cas``.
+        :param exptime: the protocol expiry time (see :func:`absolute_expiry`).
+        :param cas: the unique a ``cas`` command compares against.
+        :return: a :class:`StoreResult` name and the new CAS unique (0
+            unless stored).  An item over the size limit is not stored and
+            any old item under the key is removed, as memcached does.
+        """
+        now = self.clock()
+        with self.lock:
+            if not self.fits(key, len(value)):
+                if key in self._records:
+                    self._unlink(key)
+                return StoreResult.TOO_LARGE, 0
+            old = self._lookup(key, now)
+            if mode == "add" and old is not None:
+                # memcached bumps the existing item on a failed add.
+                self._records.move_to_end(key)
+                return StoreResult.NOT_STORED, 0
+            if mode in ("replace", "append", "prepend") and old is None:
+                return StoreResult.NOT_STORED, 0
+            if mode == "cas":
+                if old is None:
+                    return StoreResult.NOT_FOUND, 0
+                if _HEADER.unpack_from(old)[2] != cas:
+                    return StoreResult.EXISTS, 0
+            if mode in ("append", "prepend"):
+                assert old is not None
+                old_flags, old_exptime, _, _, _ = _HEADER.unpack_from(old)
+                if mode == "append":
+                    value = old[_HEADER_SIZE:] + value
+                else:
+                    value = value + old[_HEADER_SIZE:]
+                if not self.fits(key, len(value)):
+                    return StoreResult.TOO_LARGE, 0
+                flags, expires = old_flags, old_exptime
+            else:
+                expires = absolute_expiry(exptime, now)
+                if expires < 0:
+                    # Stored and at once expired: the old item is gone.
+                    if old is not None:
+                        self._unlink(key)
+                    return StoreResult.STORED, self._new_cas()
+            new_cas = self._new_cas()
+            self._link(key, _HEADER.pack(flags, expires, new_cas, int(now), False) + value)
+            return StoreResult.STORED, new_cas
+
+    def delete(self, key: bytes, cas: int = 0) -> str:
+        """Delete ``key``; with a non-zero ``cas`` only if it matches.  Return a :class:`StoreResult` name."""
+        now = self.clock()
+        with self.lock:
+            record = self._lookup(key, now)
+            if record is None:
+                return StoreResult.NOT_FOUND
+            if cas and _HEADER.unpack_from(record)[2] != cas:
+                return StoreResult.EXISTS
+            self._unlink(key)
+            return StoreResult.STORED
+
+    def delete_many(self, keys: list[bytes]) -> int:
+        """Delete the live items among ``keys``; return how many were deleted."""
+        now = self.clock()
+        deleted = 0
+        with self.lock:
+            for key in keys:
+                if self._lookup(key, now) is not None:
+                    self._unlink(key)
+                    deleted += 1
+        return deleted
+
+    def incr(self, key: bytes, delta: int, incr: bool = True, cas: int = 0) -> tuple[str, int, int]:
+        """
+        Add ``delta`` to, or subtract it from, a decimal value.
+
+        Increments wrap at 2**64 and decrements stop at 0, as in memcached.
+        :return: a :class:`StoreResult` name, the new value and the new CAS.
+        """
+        now = self.clock()
+        with self.lock:
+            record = self._lookup(key, now)
+            if record is None:
+                return StoreResult.NOT_FOUND, 0, 0
+            flags, exptime, old_cas, _, fetched = _HEADER.unpack_from(record)
+            if cas and cas != old_cas:
+                return StoreResult.EXISTS, 0, 0
+            digits = record[_HEADER_SIZE:]
+            current = parse_counter(digits)
+            if current is None:
+                return StoreResult.NON_NUMERIC, 0, 0
+            if incr:
+                current = (current + delta) % (1 << 64)
+            else:
+                current = max(current - delta, 0)
+            new_cas = self._new_cas()
+            self._link(key, _HEADER.pack(flags, exptime, new_cas, int(now), fetched) + b"%d" % current)
+            return StoreResult.STORED, current, new_cas
+
+    def touch(self, key: bytes, exptime: int) -> Item | None:
+        """Set a new expiry time on ``key``; return the updated item, or ``None`` when missing."""
+        now = self.clock()
+        with self.lock:
+            record = self._lookup(key, now)
+            if record is None:
+                return None
+            expires = absolute_expiry(exptime, now)
+            if expires < 0:
+                self._unlink(key)
+                return _decode(record)
+            flags, _, cas, _, _ = _HEADER.unpack_from(record)
+            record = _HEADER.pack(flags, expires, cas, int(now), True) + record[_HEADER_SIZE:]
+            self._records[key] = record
+            self._records.move_to_end(key)
+            return _decode(record)
+
+    def flush(self, delay: int = 0) -> None:
+        """
+        Invalidate every item stored up to now, or up to ``delay`` seconds
+        from now, as ``flush_all`` does.
+        """
+        now = self.clock()
+        with self.lock:
+            if delay > 0:
+                self.flushed_before = absolute_expiry(delay, now) - 1
+                return
+            self._records.clear()
+            self._keys.clear()
+            self.bytes_used = 0
+            self.flushed_before = 0.0
+
+    def replace_item(self, key: bytes, item: Item) -> int:
+        """Store a complete item (meta commands' explicit fields); return the CAS it was stored with."""
+        now = self.clock()
+        with self.lock:
+            cas = item.cas or self._new_cas()
+            self._link(key, _HEADER.pack(item.flags, item.exptime, cas, int(now), item.fetched) + item.value)
+            return cas
+
+    def new_cas(self) -> int:
+        """Allocate a CAS unique without storing anything."""
+        with self.lock:
+            return self._new_cas()
+
+    # -- worker-thread API --
+
+    def scan(
+        self,
+        start: bytes | None,
+        end: bytes | None,
+        inclusive: tuple[bool, bool] = (True, True),
+        limit: int = 0,
+    ) -> list[tuple[bytes, Item]]:
+        """
+        Return up to ``limit`` live items (0 for no limit) with keys between
+        ``start`` and ``end`` in bytewise order.
+
+        Either bound may be ``None`` for none.  Safe to call from any thread:
+        it holds :attr:`lock` while it copies the batch, so callers should
+        keep ``limit`` small and call again from the last key returned.
+        """
+        now = self.clock()
+        batch = []
+        with self.lock:
+            keys: Iterator[bytes] = self._keys.irange(start, end, inclusive)
+            records = self._records
+            for key in keys:
+                record = records[key]
+                if not self._is_live(record, now):
+                    continue
+                batch.append((key, _decode(record)))
+                if len(batch) == limit:
+                    break
+        return batch
+
+
+def parse_counter(digits: bytes) -> int | None:
+    """
+    Parse a stored counter the way memcached's ``strtoull`` check does:
+    decimal digits, optionally surrounded by spaces; ``None`` if invalid.
+    """
+    text = digits.strip(b" \r\n")
+    if not text or not text.isdigit():
+        return None
+    value = int(text)
+    if value >= 1 << 64:
+        return None
+    return value

@@ -1,0 +1,481 @@
+# -*- test-case-name: tests.test_text -*-
+"""
+memcached's text protocol: request framing, the classic commands and their
+replies, byte for byte as memcached 1.6 sends them.
+
+Meta commands (``mg``, ``ms`` ...) and range commands (``rget``,
+``rdelete``, ``lru_crawler``) share this framing and are dispatched to
+their own modules.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from twisted.logger import Logger
+
+from kvdaemon import _stats
+from kvdaemon._store import MAX_KEY_LENGTH, StoreResult
+from kvdaemon._version import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from kvdaemon._connection import Connection
+
+#: memcached closes a connection that sends this many bytes without a
+#: newline, unless the line is a ``get``/``gets`` with many keys.
+MAX_LINE_LENGTH = 2048
+
+
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+INVALID_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
+END = b"END\r\n"
+
+_STORE_REPLIES = {
+    StoreResult.STORED: b"STORED\r\n",
+    StoreResult.NOT_STORED: b"NOT_STORED\r\n",
+    StoreResult.EXISTS: b"EXISTS\r\n",
+    StoreResult.NOT_FOUND: b"NOT_FOUND\r\n",
+    StoreResult.TOO_LARGE: TOO_LARGE,
+}
+
+#: What a command handler returns when it needs a data block: the block's
+#: length (without its trailing CRLF) and the function to call with it.
+DataRequest = tuple[int, Callable[[bytes], None]]
+
+_U32_MAX = 2**32 - 1
+_I32_MIN = -(2**31)
+_I32_MAX = 2**31 - 1
+_U64_MAX = 2**64 - 1
+
+
+class ProtocolError(Exception):
+    """A request memcached rejects; ``reply`` is sent to the client."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def parse_uint(token: bytes, maximum: int, reply: bytes = BAD_FORMAT) -> int:
+    """Parse an unsigned decimal (memcached's ``safe_strtoul``) or raise :class:`ProtocolError`."""
+    if not token.isdigit():
+        raise ProtocolError(reply)
+    value = int(token)
+    if value > maximum:
+        raise ProtocolError(reply)
+    return value
+
+
+def parse_int(token: bytes, reply: bytes = BAD_FORMAT) -> int:
+    """Parse a signed 32-bit decimal (memcached's ``safe_strtol``) or raise :class:`ProtocolError`."""
+    digits = token[1:] if token[:1] in (b"-", b"+") else token
+    if not digits.isdigit():
+        raise ProtocolError(reply)
+    value = int(token)
+    if not _I32_MIN <= value <= _I32_MAX:
+        raise ProtocolError(reply)
+    return value
+
+
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` if memcached accepts it as a key, else raise :class:`ProtocolError`."""
+    if len(key) > MAX_KEY_LENGTH:
+        raise ProtocolError(BAD_FORMAT)
+    return key
+
+
+class TextHandler:
+    """
+    Executes text protocol requests for one :class:`Connection`.
+
+    Runs on the reactor thread only.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        factory = connection.factory
+        self.factory = factory
+        self.store = factory.store
+        self.stats = factory.stats
+        self.settings = factory.settings
+        self.noreply = False
+        #: Bytes of a rejected data block still to be skipped.
+        self._swallow = 0
+        self._commands: dict[bytes, Callable[[list[bytes]], DataRequest | None]] = {
+            b"get": self.cmd_get,
+            b"gets": self.cmd_gets,
+            b"gat": self.cmd_gat,
+            b"gats": self.cmd_gats,
+            b"set": self.cmd_set,
+            b"add": self.cmd_add,
+            b"replace": self.cmd_replace,
+            b"append": self.cmd_append,
+            b"prepend": self.cmd_prepend,
+            b"cas": self.cmd_cas,
+            b"delete": self.cmd_delete,
+            b"incr": self.cmd_incr,
+            b"decr": self.cmd_decr,
+            b"touch": self.cmd_touch,
+            b"flush_all": self.cmd_flush_all,
+            b"version": self.cmd_version,
+            b"verbosity": self.cmd_verbosity,
+            b"quit": self.cmd_quit,
+            b"stats": self.cmd_stats,
+        }
+        self._register_extensions()
+
+    def _register_extensions(self) -> None:
+        from kvdaemon import _meta, _ranges
+
+        self._commands.update(_meta.text_commands(self))
+        self._commands.update(_ranges.text_commands(self))
+
+    def connection_lost(self) -> None:
+        pass
+
+    # -- framing --
+
+    def process(self, buffer: bytes, offset: int) -> int:
+        """Execute complete requests in ``buffer`` from ``offset``; return the first unconsumed offset."""
+        connection = self.connection
+        commands = self._commands
+        end = len(buffer)
+        while offset < end and not connection.blocked:
+            if self._swallow:
+                skipped = min(self._swallow, end - offset)
+                self._swallow -= skipped
+                offset += skipped
+                continue
+            eol = buffer.find(b"\n", offset)
+            if eol < 0:
+                self._check_unterminated(buffer, offset)
+                return offset
+            line_end = eol - 1 if eol > offset and buffer[eol - 1] == 13 else eol
+            line = buffer[offset:line_end]
+            parts = line.split(b" ")
+            if b"" in parts:
+                parts = [part for part in parts if part]
+            self.noreply = False
+            if not parts:
+                connection.write(ERROR)
+                offset = eol + 1
+                continue
+            command = commands.get(parts[0])
+            if command is None:
+                self.log.debug("Unknown command from {peer}: {line!r}", peer=connection.peer, line=line[:64])
+                connection.write(ERROR)
+                offset = eol + 1
+                continue
+            try:
+                data_request = command(parts)
+            except ProtocolError as error:
+                self.reply(error.reply)
+                offset = eol + 1
+                continue
+            if data_request is None:
+                offset = eol + 1
+                continue
+            length, receive = data_request
+            data_start = eol + 1
+            data_end = data_start + length + 2
+            if data_end > end:
+                connection.wanted = data_end - offset
+                return offset
+            offset = data_end
+            if buffer[data_end - 2 : data_end] != b"\r\n":
+                self.log.info("Bad data chunk from {peer}", peer=connection.peer)
+                self.reply(BAD_CHUNK)
+                continue
+            receive(buffer[data_start : data_end - 2])
+        return offset
+
+    def _check_unterminated(self, buffer: bytes, offset: int) -> None:
+        pending = len(buffer) - offset
+        if pending <= MAX_LINE_LENGTH:
+            return
+        head = buffer[offset : offset + 105].lstrip(b" ")
+        if head.startswith((b"get ", b"gets ")) and pending <= self.settings.max_pending_input:
+            return
+        self.log.info(
+            "Closing {peer}: a request line exceeded {limit} bytes",
+            peer=self.connection.peer,
+            limit=MAX_LINE_LENGTH,
+        )
+        self.connection.close()
+
+    # -- helpers for command handlers --
+
+    def reply(self, data: bytes) -> None:
+        """Send ``data`` unless the request asked for no reply."""
+        if not self.noreply:
+            self.connection.write(data)
+
+    def take_noreply(self, parts: list[bytes]) -> list[bytes]:
+        """Strip a trailing ``noreply`` token and remember it."""
+        if parts[-1] == b"noreply":
+            self.noreply = True
+            return parts[:-1]
+        return parts
+
+    def swallow(self, length: int) -> None:
+        """Skip the next ``length`` bytes of input (a rejected data block)."""
+        self._swallow = length
+
+    # -- retrieval --
+
+    def cmd_get(self, parts: list[bytes]) -> None:
+        self._retrieve(parts[1:], with_cas=False)
+
+    def cmd_gets(self, parts: list[bytes]) -> None:
+        self._retrieve(parts[1:], with_cas=True)
+
+    def cmd_gat(self, parts: list[bytes]) -> None:
+        self._touch_and_retrieve(parts, with_cas=False)
+
+    def cmd_gats(self, parts: list[bytes]) -> None:
+        self._touch_and_retrieve(parts, with_cas=True)
+
+    def _retrieve(self, keys: list[bytes], with_cas: bool) -> None:
+        if not keys:
+            raise ProtocolError(ERROR)
+        store = self.store
+        stats = self.stats
+        out = []
+        for key in keys:
+            if len(key) > MAX_KEY_LENGTH:
+                raise ProtocolError(BAD_FORMAT)
+            item = store.get(key)
+            stats.cmd_get += 1
+            if item is None:
+                stats.get_misses += 1
+                continue
+            stats.get_hits += 1
+            value = item.value
+            if with_cas:
+                out.append(b"VALUE %s %d %d %d\r\n" % (key, item.flags, len(value), item.cas))
+            else:
+                out.append(b"VALUE %s %d %d\r\n" % (key, item.flags, len(value)))
+            out.append(value)
+            out.append(b"\r\n")
+        out.append(END)
+        self.connection.write_sequence(out)
+
+    def _touch_and_retrieve(self, parts: list[bytes], with_cas: bool) -> None:
+        if len(parts) < 3:
+            raise ProtocolError(ERROR)
+        exptime = parse_int(parts[1], INVALID_EXPTIME)
+        store = self.store
+        stats = self.stats
+        out = []
+        for key in parts[2:]:
+            check_key(key)
+            stats.cmd_touch += 1
+            stats.cmd_get += 1
+            item = store.touch(key, exptime)
+            if item is None:
+                stats.touch_misses += 1
+                stats.get_misses += 1
+                continue
+            stats.touch_hits += 1
+            stats.get_hits += 1
+            if with_cas:
+                out.append(b"VALUE %s %d %d %d\r\n" % (key, item.flags, len(item.value), item.cas))
+            else:
+                out.append(b"VALUE %s %d %d\r\n" % (key, item.flags, len(item.value)))
+            out.append(item.value)
+            out.append(b"\r\n")
+        out.append(END)
+        self.connection.write_sequence(out)
+
+    # -- storage --
+
+    def cmd_set(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("set", parts)
+
+    def cmd_add(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("add", parts)
+
+    def cmd_replace(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("replace", parts)
+
+    def cmd_append(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("append", parts)
+
+    def cmd_prepend(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("prepend", parts)
+
+    def cmd_cas(self, parts: list[bytes]) -> DataRequest | None:
+        return self._storage("cas", parts)
+
+    def _storage(self, mode: str, parts: list[bytes]) -> DataRequest | None:
+        words = 6 if mode == "cas" else 5
+        if len(parts) not in (words, words + 1):
+            raise ProtocolError(ERROR)
+        if len(parts) == words + 1:
+            parts = self.take_noreply(parts)
+        key = check_key(parts[1])
+        flags = parse_uint(parts[2], _U32_MAX)
+        exptime = parse_int(parts[3])
+        length = parse_int(parts[4])
+        if length < 0:
+            raise ProtocolError(BAD_FORMAT)
+        cas = parse_uint(parts[5], _U64_MAX) if mode == "cas" else 0
+        if len(parts) > words:
+            raise ProtocolError(ERROR)
+        if not self.store.fits(key, length):
+            self.log.info(
+                "Rejected a {length}-byte value for {peer}: over the item size limit",
+                length=length,
+                peer=self.connection.peer,
+            )
+            self.stats.cmd_set += 1
+            if mode == "set":
+                self.store.delete(key)
+            self.reply(TOO_LARGE)
+            self.swallow(length + 2)
+            return None
+        noreply = self.noreply
+
+        def receive(value: bytes) -> None:
+            self.noreply = noreply
+            self._store(mode, key, value, flags, exptime, cas)
+
+        return length, receive
+
+    def _store(self, mode: str, key: bytes, value: bytes, flags: int, exptime: int, cas: int) -> None:
+        self.stats.cmd_set += 1
+        result, _ = self.store.store(mode, key, value, flags, exptime, cas)
+        if mode == "cas":
+            if result == StoreResult.STORED:
+                self.stats.cas_hits += 1
+            elif result == StoreResult.EXISTS:
+                self.stats.cas_badval += 1
+            elif result == StoreResult.NOT_FOUND:
+                self.stats.cas_misses += 1
+        self.reply(_STORE_REPLIES[result])
+
+    # -- other item commands --
+
+    def cmd_delete(self, parts: list[bytes]) -> None:
+        if not 2 <= len(parts) <= 4:
+            raise ProtocolError(ERROR)
+        parts = self.take_noreply(parts)
+        # "delete <key> 0" is an old form memcached still accepts.
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] != b"0"):
+            raise ProtocolError(b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n")
+        key = check_key(parts[1])
+        if self.store.delete(key) == StoreResult.STORED:
+            self.stats.delete_hits += 1
+            self.reply(b"DELETED\r\n")
+        else:
+            self.stats.delete_misses += 1
+            self.reply(b"NOT_FOUND\r\n")
+
+    def cmd_incr(self, parts: list[bytes]) -> None:
+        self._arithmetic(parts, incr=True)
+
+    def cmd_decr(self, parts: list[bytes]) -> None:
+        self._arithmetic(parts, incr=False)
+
+    def _arithmetic(self, parts: list[bytes], incr: bool) -> None:
+        if len(parts) not in (3, 4):
+            raise ProtocolError(ERROR)
+        parts = self.take_noreply(parts)
+        if len(parts) != 3:
+            raise ProtocolError(ERROR)
+        key = check_key(parts[1])
+        delta = parse_uint(parts[2], _U64_MAX, b"CLIENT_ERROR invalid numeric delta argument\r\n")
+        result, value, _ = self.store.incr(key, delta, incr)
+        name = "incr" if incr else "decr"
+        if result == StoreResult.NOT_FOUND:
+            setattr(self.stats, name + "_misses", getattr(self.stats, name + "_misses") + 1)
+            self.reply(b"NOT_FOUND\r\n")
+        elif result == StoreResult.NON_NUMERIC:
+            self.reply(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n")
+        else:
+            setattr(self.stats, name + "_hits", getattr(self.stats, name + "_hits") + 1)
+            self.reply(b"%d\r\n" % value)
+
+    def cmd_touch(self, parts: list[bytes]) -> None:
+        if len(parts) not in (3, 4):
+            raise ProtocolError(ERROR)
+        parts = self.take_noreply(parts)
+        if len(parts) != 3:
+            raise ProtocolError(ERROR)
+        key = check_key(parts[1])
+        exptime = parse_int(parts[2], INVALID_EXPTIME)
+        self.stats.cmd_touch += 1
+        if self.store.touch(key, exptime) is None:
+            self.stats.touch_misses += 1
+            self.reply(b"NOT_FOUND\r\n")
+        else:
+            self.stats.touch_hits += 1
+            self.reply(b"TOUCHED\r\n")
+
+    # -- server commands --
+
+    def cmd_flush_all(self, parts: list[bytes]) -> None:
+        if len(parts) > 3:
+            raise ProtocolError(ERROR)
+        parts = self.take_noreply(parts)
+        if not self.settings.allow_destructive:
+            raise ProtocolError(b"CLIENT_ERROR flush_all not allowed\r\n")
+        delay = 0
+        if len(parts) == 2:
+            delay = parse_int(parts[1])
+        elif len(parts) > 2:
+            raise ProtocolError(BAD_FORMAT)
+        self.stats.cmd_flush += 1
+        self.store.flush(delay)
+        self.log.info("flush_all from {peer} (delay {delay} s)", peer=self.connection.peer, delay=delay)
+        self.reply(b"OK\r\n")
+
+    def cmd_version(self, parts: list[bytes]) -> None:
+        self.connection.write(b"VERSION " + PROTOCOL_VERSION + b"\r\n")
+
+    def cmd_verbosity(self, parts: list[bytes]) -> None:
+        if len(parts) not in (2, 3):
+            raise ProtocolError(ERROR)
+        parts = self.take_noreply(parts)
+        level = parse_int(parts[1]) if len(parts) > 1 and parts[1].lstrip(b"-").isdigit() else 0
+        self.factory.verbosity = max(level, 0)
+        self.reply(b"OK\r\n")
+
+    def cmd_quit(self, parts: list[bytes]) -> None:
+        self.connection.close()
+
+    def cmd_stats(self, parts: list[bytes]) -> None:
+        factory = self.factory
+        if len(parts) == 1:
+            lines = _stats.general_stats(
+                self.stats, self.store, self.settings, factory.reactor.seconds(), self.settings.threads
+            )
+        elif parts[1] == b"settings":
+            lines = _stats.settings_stats(self.settings, factory.listen_descriptions, factory.verbosity)
+        elif parts[1] == b"conns":
+            lines = self._connection_stats()
+        elif parts[1] == b"reset":
+            factory.reset_stats()
+            self.connection.write(b"RESET\r\n")
+            return
+        else:
+            raise ProtocolError(ERROR)
+        out = [b"STAT %s %s\r\n" % (name.encode(), str(value).encode()) for name, value in lines]
+        out.append(END)
+        self.connection.write_sequence(out)
+
+    def _connection_stats(self) -> list[tuple[str, object]]:
+        lines: list[tuple[str, object]] = []
+        now = self.factory.reactor.seconds()
+        for connection in sorted(self.factory.connections, key=lambda c: c.connection_id):
+            prefix = "%d:" % connection.connection_id
+            lines.append((prefix + "addr", connection.address))
+            lines.append((prefix + "listen_addr", connection.listen_address))
+            lines.append((prefix + "state", connection.state_name))
+            lines.append((prefix + "secs_since_last_cmd", int(now - connection.last_request_time)))
+        return lines
