@@ -1,0 +1,151 @@
+"""
+Helpers shared by the tests: an in-process kvdaemon on a real socket, a
+real memcached subprocess as the reference, and fakes for stepping the
+worker pool and the reactor by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import Any, Callable
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, TestCase
+
+from kvdaemon import KVDaemonService, Settings
+
+MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+
+
+@defer.inlineCallbacks
+def start_server(testcase: TestCase, settings: Settings | None = None, listen: str = "tcp:0:interface=127.0.0.1"):
+    """
+    Start a kvdaemon service on the real reactor, listening on a free port
+    of 127.0.0.1, and stop it when ``testcase`` ends.
+
+    :return: a Deferred firing with ``(service, port number)``.
+    """
+    service = KVDaemonService(settings or Settings(threads=2), [listen], reactor=reactor)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    yield defer.succeed(None)
+    port = service.ports[0].getHost().port if listen.startswith("tcp") else 0
+    return service, port
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class MemcachedProcess:
+    """A real memcached on 127.0.0.1, the reference that kvdaemon's replies are compared with."""
+
+    def __init__(self, *args: str) -> None:
+        if not os.path.exists(MEMCACHED):
+            raise SkipTest("memcached is not installed; .ci/run installs the Debian package")
+        self.port = free_port()
+        command = [MEMCACHED, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", *args]
+        if os.geteuid() == 0:
+            command += ["-u", "root"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """Stop this memcached by its pid and wait for it to exit."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(10)
+
+
+def exchange(port: int, request: bytes, expect_close: bool = False, timeout: float = 5.0) -> bytes:
+    """
+    Send ``request`` to 127.0.0.1:``port`` over a blocking socket and
+    return everything received until the server closes the connection (when
+    ``expect_close``) or stays quiet for 0.2 seconds.
+
+    Blocking: call it from a thread (``threads.deferToThread``) when the
+    server runs on this process's reactor.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        s.settimeout(timeout if expect_close else 0.2)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class FakeThreadPool:
+    """
+    A thread pool whose work runs only when the test calls :meth:`run_next`,
+    on the test's own thread.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[..., Any], Callable[..., Any], tuple, dict]] = []
+
+    def callInThreadWithCallback(self, on_result, func, *args, **kwargs) -> None:
+        self.pending.append((on_result, func, args, kwargs))
+
+    def run_next(self) -> None:
+        """Run the oldest queued work item, as a worker thread would."""
+        on_result, func, args, kwargs = self.pending.pop(0)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class FakeReactor(Clock):
+    """
+    A clock that also queues ``callFromThread`` calls until the test runs
+    them with :meth:`run_thread_calls`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread_calls: list[tuple[Callable[..., Any], tuple, dict]] = []
+
+    def callFromThread(self, func, *args, **kwargs) -> None:
+        self.thread_calls.append((func, args, kwargs))
+
+    def run_thread_calls(self) -> int:
+        """Run the queued ``callFromThread`` calls (and any they queue); return how many ran."""
+        count = 0
+        while self.thread_calls:
+            func, args, kwargs = self.thread_calls.pop(0)
+            func(*args, **kwargs)
+            count += 1
+        return count
