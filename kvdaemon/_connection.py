@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kvdaemon._directwrite import direct_sender
 from kvdaemon._streaming import Stream, StreamJob, StreamStalled
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Connection(protocol.Protocol):
         #: Bytes from ``_offset`` the handler needs before it can progress.
         self.wanted = 0
         self.handler: Handler | None = None
+        self._send_now: Callable[[bytes], bool] | None = None
         self.stream: Stream | None = None
         #: True while the transport's write buffer is over its limit.
         self.producer_paused = False
@@ -116,6 +118,7 @@ class Connection(protocol.Protocol):
         self.listen_address = describe_address(self.transport.getHost())
         self.last_request_time = self.factory.reactor.seconds()
         self.transport.registerProducer(self, True)
+        self._send_now = direct_sender(self.transport)
         self.factory.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -175,7 +178,10 @@ class Connection(protocol.Protocol):
         self._check_backlog()
 
     def _detect_protocol(self, first_byte: int) -> Handler:
-        if first_byte == BINARY_REQUEST_MAGIC:
+        # With SASL on, memcached parses every connection as binary, so a
+        # text request is answered by nothing, then closed once 24 bytes
+        # (a header with the wrong magic) have arrived.
+        if first_byte == BINARY_REQUEST_MAGIC or self.factory.settings.sasl_users is not None:
             from kvdaemon._binary import BinaryHandler
 
             return BinaryHandler(self)
@@ -209,12 +215,16 @@ class Connection(protocol.Protocol):
     def write(self, data: bytes) -> None:
         """Send one reply (reactor thread only)."""
         self.stats.bytes_written += len(data)
-        self.transport.write(data)
+        if self._send_now is None or not self._send_now(data):
+            self.transport.write(data)
 
     def write_sequence(self, chunks: list[bytes]) -> None:
         """Send several replies at once (reactor thread only)."""
-        self.stats.bytes_written += sum(map(len, chunks))
-        self.transport.writeSequence(chunks)
+        if self._send_now is None:
+            self.stats.bytes_written += sum(map(len, chunks))
+            self.transport.writeSequence(chunks)
+        else:
+            self.write(b"".join(chunks))
 
     def close(self) -> None:
         """
@@ -230,6 +240,21 @@ class Connection(protocol.Protocol):
             self.stream.cancel()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Drop the connection at once, discarding output not yet sent.
+
+        For a stream that ended early: its client holds a truncated reply
+        that it cannot tell from a complete one, and ``loseConnection``
+        would wait forever for a client that stopped reading.
+        """
+        if not self.closing:
+            self.closing = True
+            if self.stream is not None:
+                self.stream.cancel()
+            self.transport.unregisterProducer()
+        self.transport.abortConnection()
 
     # -- streaming --
 
@@ -282,12 +307,17 @@ class Connection(protocol.Protocol):
                     peer=self.peer,
                     timeout=self.factory.settings.stall_timeout,
                 )
-                self.close()
+                self.abort()
             elif result.check(CancelledError):
                 self.stats.streams_cancelled += 1
+                if not self.closing:
+                    # Cancelled while the client still listens, for
+                    # example because the server is stopping.
+                    self.log.info("Closing {peer}: its stream was cancelled", peer=self.peer)
+                    self.abort()
             else:
                 self.log.failure("Stream for {peer} failed; closing the connection", result, peer=self.peer)
-                self.close()
+                self.abort()
             return
         if on_done is not None and not self.closing:
             on_done()
