@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -37,7 +39,9 @@ class EmbeddingExampleTests(TestCase):
         self.assertIn("tcp:11211:interface=127.0.0.1", source)
         self.assertIn("tcp:8080:interface=127.0.0.1", source)
         source = source.replace("tcp:11211:", "tcp:%d:" % cache_port).replace("tcp:8080:", "tcp:%d:" % web_port)
-        tac = Path(self.mktemp() + ".tac")
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        tac = Path(directory) / "web_and_cache.tac"
         tac.write_text(source)
 
         process = subprocess.Popen(
