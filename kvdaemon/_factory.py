@@ -89,6 +89,8 @@ class KVDaemonFactory(protocol.Factory):
         self.store.reclaimed = 0
         self.store.expired_unfetched = 0
         self.store.evicted_unfetched = 0
+        self.store.get_expired = 0
+        self.store.get_flushed = 0
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
         if len(self.connections) >= self.settings.max_connections:

@@ -29,8 +29,6 @@ class Stats:
     cmd_touch: int = 0
     get_hits: int = 0
     get_misses: int = 0
-    get_expired: int = 0
-    get_flushed: int = 0
     delete_misses: int = 0
     delete_hits: int = 0
     incr_misses: int = 0
@@ -42,6 +40,7 @@ class Stats:
     cas_badval: int = 0
     touch_hits: int = 0
     touch_misses: int = 0
+    store_too_large: int = 0
     auth_cmds: int = 0
     auth_errors: int = 0
     bytes_read: int = 0
@@ -84,8 +83,8 @@ def general_stats(stats: Stats, store, settings, now: float, threads: int) -> li
         ("cmd_touch", stats.cmd_touch),
         ("get_hits", stats.get_hits),
         ("get_misses", stats.get_misses),
-        ("get_expired", stats.get_expired),
-        ("get_flushed", stats.get_flushed),
+        ("get_expired", store.get_expired),
+        ("get_flushed", store.get_flushed),
         ("delete_misses", stats.delete_misses),
         ("delete_hits", stats.delete_hits),
         ("incr_misses", stats.incr_misses),
@@ -97,6 +96,7 @@ def general_stats(stats: Stats, store, settings, now: float, threads: int) -> li
         ("cas_badval", stats.cas_badval),
         ("touch_hits", stats.touch_hits),
         ("touch_misses", stats.touch_misses),
+        ("store_too_large", stats.store_too_large),
         ("auth_cmds", stats.auth_cmds),
         ("auth_errors", stats.auth_errors),
         ("bytes_read", stats.bytes_read),

@@ -17,6 +17,7 @@ range scans their bytewise order.
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -31,6 +32,12 @@ MAX_RELATIVE_EXPIRY = 60 * 60 * 24 * 30
 #: against the memory limit so that ``limit_maxbytes`` means about the same
 #: number of items here as in memcached.
 ITEM_OVERHEAD = 48
+
+#: What memcached 1.6 adds to key and value when it checks an item against
+#: the item size limit: a 48-byte header, an 8-byte CAS, the key's NUL and
+#: the value's CRLF.  Non-zero flags take ``_FLAGS_SIZE`` more.
+_LIMIT_OVERHEAD = 48 + 8 + 1 + 2
+_FLAGS_SIZE = 4
 
 #: The longest key memcached accepts.
 MAX_KEY_LENGTH = 250
@@ -128,6 +135,11 @@ class Store:
         self.evicted_unfetched = 0
         self.reclaimed = 0
         self.total_items = 0
+        #: Lookups, by any command, that found an item past its expiry time
+        #: or invalidated by ``flush_all`` (memcached's ``get_expired`` and
+        #: ``get_flushed``).
+        self.get_expired = 0
+        self.get_flushed = 0
         #: Items with a last-access time before this are treated as gone
         #: (``flush_all`` with a delay sets it in the future).
         self.flushed_before = 0.0
@@ -161,6 +173,11 @@ class Store:
         if record is None:
             return None
         if not self._is_live(record, now):
+            # memcached checks for a flush before it checks the expiry time.
+            if self.flushed_before and _HEADER.unpack_from(record)[3] <= self.flushed_before <= now:
+                self.get_flushed += 1
+            else:
+                self.get_expired += 1
             if not record[_HEADER_SIZE - 1]:
                 self.expired_unfetched += 1
             self.reclaimed += 1
@@ -203,9 +220,15 @@ class Store:
 
     # -- reactor-thread API --
 
-    def fits(self, key: bytes, value_length: int) -> bool:
-        """Return whether an item with this key and value length fits the item size limit."""
-        return len(key) + value_length + ITEM_OVERHEAD <= self.max_item_size
+    def fits(self, key: bytes, value_length: int, flags: int = 0) -> bool:
+        """
+        Return whether an item with this key, value length and flags fits
+        the item size limit, counted the way memcached 1.6 counts it.
+        """
+        size = len(key) + value_length + _LIMIT_OVERHEAD
+        if flags:
+            size += _FLAGS_SIZE
+        return size <= self.max_item_size
 
     def get(self, key: bytes, bump: bool = True) -> Item | None:
         """
@@ -243,13 +266,15 @@ class Store:
         :param exptime: the protocol expiry time (see :func:`absolute_expiry`).
         :param cas: the unique a ``cas`` command compares against.
         :return: a :class:`StoreResult` name and the new CAS unique (0
-            unless stored).  An item over the size limit is not stored and
-            any old item under the key is removed, as memcached does.
+            unless stored).  An item over the size limit is not stored, and
+            ``set`` then removes the old item under the key, as memcached
+            does.  An append or prepend whose result would exceed the limit
+            returns ``NOT_STORED``, as in memcached.
         """
         now = self.clock()
         with self.lock:
-            if not self.fits(key, len(value)):
-                if key in self._records:
+            if not self.fits(key, len(value), flags):
+                if mode == "set" and key in self._records:
                     self._unlink(key)
                 return StoreResult.TOO_LARGE, 0
             old = self._lookup(key, now)
@@ -271,8 +296,10 @@ class Store:
                     value = old[_HEADER_SIZE:] + value
                 else:
                     value = value + old[_HEADER_SIZE:]
-                if not self.fits(key, len(value)):
-                    return StoreResult.TOO_LARGE, 0
+                if not self.fits(key, len(value), old_flags):
+                    # memcached cannot allocate the combined item and
+                    # reports that as a plain failure.
+                    return StoreResult.NOT_STORED, 0
                 flags, expires = old_flags, old_exptime
             else:
                 expires = absolute_expiry(exptime, now)
@@ -332,7 +359,16 @@ class Store:
             else:
                 current = max(current - delta, 0)
             new_cas = self._new_cas()
-            self._link(key, _HEADER.pack(flags, exptime, new_cas, int(now), fetched) + b"%d" % current)
+            header = _HEADER.pack(flags, exptime, new_cas, int(now), fetched)
+            new_digits = b"%d" % current
+            if len(new_digits) <= len(digits):
+                # memcached rewrites the value in place when the new number
+                # fits, padding it with spaces to the old length, and does
+                # not count that as a newly linked item.
+                self._records[key] = header + new_digits.ljust(len(digits))
+                self._records.move_to_end(key)
+            else:
+                self._link(key, header + new_digits)
             return StoreResult.STORED, current, new_cas
 
     def touch(self, key: bytes, exptime: int) -> Item | None:
@@ -412,15 +448,29 @@ class Store:
         return batch
 
 
+#: A counter as memcached's ``safe_strtoull`` reads it: optional C
+#: whitespace, an optional sign, decimal digits, then the end of the value
+#: or a whitespace or NUL byte (anything after that is ignored).
+_COUNTER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r\0]|\Z)")
+
+
 def parse_counter(digits: bytes) -> int | None:
     """
-    Parse a stored counter the way memcached's ``strtoull`` check does:
-    decimal digits, optionally surrounded by spaces; ``None`` if invalid.
+    Parse a stored value as an ``incr``/``decr`` counter the way memcached
+    1.6 does; return ``None`` when it is not a number below 2**64.
+
+    ``"5"``, ``" 5"`` and ``"5 apples"`` are 5; ``""``, ``"5x"`` and ``"-5"``
+    are not numbers.
     """
-    text = digits.strip(b" \r\n")
-    if not text or not text.isdigit():
-        return None
-    value = int(text)
+    if digits.isdigit():
+        value = int(digits)
+    else:
+        match = _COUNTER.match(digits)
+        if match is None:
+            return None
+        value = int(match.group(2))
+        if match.group(1) == b"-" and value:
+            return None
     if value >= 1 << 64:
         return None
     return value

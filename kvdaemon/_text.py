@@ -10,6 +10,7 @@ their own modules.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Callable
 
 from twisted.logger import Logger
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 #: memcached closes a connection that sends this many bytes without a
 #: newline, unless the line is a ``get``/``gets`` with many keys.
 MAX_LINE_LENGTH = 2048
+
+#: The highest level ``verbosity`` sets; memcached caps larger requests.
+MAX_VERBOSITY = 2
 
 
 ERROR = b"ERROR\r\n"
@@ -59,23 +63,50 @@ class ProtocolError(Exception):
         self.reply = reply
 
 
+#: A number as memcached's ``safe_strto*`` functions read a token: C
+#: whitespace, an optional sign and decimal digits, then the end of the
+#: token or a whitespace byte, after which anything is ignored.
+_C_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r]|\Z)")
+
+
+def _read_number(token: bytes) -> int | None:
+    if token.isdigit():
+        return int(token)
+    match = _C_NUMBER.match(token)
+    if match is None:
+        return None
+    value = int(match.group(2))
+    return -value if match.group(1) == b"-" else value
+
+
+# NOTE: memcached 1.6.18 stores a parsed number into a 32-bit field
+# without a range check, so it reads flags 4294967296 as 0 and exptime
+# 4294967297 as 1.  These parsers reject out-of-range numbers instead, as
+# later memcached releases do for flags.
+
+
 def parse_uint(token: bytes, maximum: int, reply: bytes = BAD_FORMAT) -> int:
-    """Parse an unsigned decimal (memcached's ``safe_strtoul``) or raise :class:`ProtocolError`."""
-    if not token.isdigit():
-        raise ProtocolError(reply)
-    value = int(token)
-    if value > maximum:
+    """
+    Parse an unsigned decimal as memcached's ``safe_strtoul`` and
+    ``safe_strtoull`` do (``+5`` and ``-0`` are accepted).
+
+    :raise ProtocolError: with ``reply``, for anything else or a value above
+        ``maximum``.
+    """
+    value = _read_number(token)
+    if value is None or not 0 <= value <= maximum:
         raise ProtocolError(reply)
     return value
 
 
 def parse_int(token: bytes, reply: bytes = BAD_FORMAT) -> int:
-    """Parse a signed 32-bit decimal (memcached's ``safe_strtol``) or raise :class:`ProtocolError`."""
-    digits = token[1:] if token[:1] in (b"-", b"+") else token
-    if not digits.isdigit():
-        raise ProtocolError(reply)
-    value = int(token)
-    if not _I32_MIN <= value <= _I32_MAX:
+    """
+    Parse a signed 32-bit decimal as memcached's ``safe_strtol`` does.
+
+    :raise ProtocolError: with ``reply``, for anything else.
+    """
+    value = _read_number(token)
+    if value is None or not _I32_MIN <= value <= _I32_MAX:
         raise ProtocolError(reply)
     return value
 
@@ -157,6 +188,10 @@ class TextHandler:
                 return offset
             line_end = eol - 1 if eol > offset and buffer[eol - 1] == 13 else eol
             line = buffer[offset:line_end]
+            if b"\0" in line:
+                # memcached reads the request line as a C string, so a NUL
+                # byte ends it.
+                line = line[: line.index(b"\0")]
             parts = line.split(b" ")
             if b"" in parts:
                 parts = [part for part in parts if part]
@@ -167,6 +202,11 @@ class TextHandler:
                 continue
             command = commands.get(parts[0])
             if command is None:
+                if parts[-1].startswith(b"HTTP/"):
+                    # memcached hangs up on HTTP clients instead of replying.
+                    self.log.info("Closing {peer}: it sent an HTTP request", peer=connection.peer)
+                    connection.close()
+                    return eol + 1
                 self.log.debug("Unknown command from {peer}: {line!r}", peer=connection.peer, line=line[:64])
                 connection.write(ERROR)
                 offset = eol + 1
@@ -189,6 +229,8 @@ class TextHandler:
             offset = data_end
             if buffer[data_end - 2 : data_end] != b"\r\n":
                 self.log.info("Bad data chunk from {peer}", peer=connection.peer)
+                # memcached counts the command before it checks the chunk.
+                self.stats.cmd_set += 1
                 self.reply(BAD_CHUNK)
                 continue
             receive(buffer[data_start : data_end - 2])
@@ -198,8 +240,16 @@ class TextHandler:
         pending = len(buffer) - offset
         if pending <= MAX_LINE_LENGTH:
             return
-        head = buffer[offset : offset + 105].lstrip(b" ")
-        if head.startswith((b"get ", b"gets ")) and pending <= self.settings.max_pending_input:
+        # Like memcached, allow a long get/gets line after at most 100
+        # leading spaces.
+        window = buffer[offset : offset + 106]
+        head = window.lstrip(b" ")
+        leading_spaces = len(window) - len(head)
+        if (
+            leading_spaces <= 100
+            and head.startswith((b"get ", b"gets "))
+            and pending <= self.settings.max_pending_input
+        ):
             return
         self.log.info(
             "Closing {peer}: a request line exceeded {limit} bytes",
@@ -215,12 +265,14 @@ class TextHandler:
         if not self.noreply:
             self.connection.write(data)
 
-    def take_noreply(self, parts: list[bytes]) -> list[bytes]:
-        """Strip a trailing ``noreply`` token and remember it."""
-        if parts[-1] == b"noreply":
-            self.noreply = True
-            return parts[:-1]
-        return parts
+    def check_noreply(self, parts: list[bytes]) -> None:
+        """
+        Remember whether the request's last token is ``noreply``.
+
+        memcached looks only at the last token, whatever its position, and
+        then suppresses every reply to the request, errors included.
+        """
+        self.noreply = parts[-1] == b"noreply"
 
     def swallow(self, length: int) -> None:
         """Skip the next ``length`` bytes of input (a rejected data block)."""
@@ -266,7 +318,9 @@ class TextHandler:
         self.connection.write_sequence(out)
 
     def _touch_and_retrieve(self, parts: list[bytes], with_cas: bool) -> None:
-        if len(parts) < 3:
+        # "gat <exptime>" with no key is valid and returns only END, and
+        # memcached counts gat as touches, not gets.
+        if len(parts) < 2:
             raise ProtocolError(ERROR)
         exptime = parse_int(parts[1], INVALID_EXPTIME)
         store = self.store
@@ -275,14 +329,11 @@ class TextHandler:
         for key in parts[2:]:
             check_key(key)
             stats.cmd_touch += 1
-            stats.cmd_get += 1
             item = store.touch(key, exptime)
             if item is None:
                 stats.touch_misses += 1
-                stats.get_misses += 1
                 continue
             stats.touch_hits += 1
-            stats.get_hits += 1
             if with_cas:
                 out.append(b"VALUE %s %d %d %d\r\n" % (key, item.flags, len(item.value), item.cas))
             else:
@@ -316,24 +367,22 @@ class TextHandler:
         words = 6 if mode == "cas" else 5
         if len(parts) not in (words, words + 1):
             raise ProtocolError(ERROR)
-        if len(parts) == words + 1:
-            parts = self.take_noreply(parts)
+        # A token after the last argument other than "noreply" is ignored.
+        self.check_noreply(parts)
         key = check_key(parts[1])
         flags = parse_uint(parts[2], _U32_MAX)
         exptime = parse_int(parts[3])
         length = parse_int(parts[4])
-        if length < 0:
-            raise ProtocolError(BAD_FORMAT)
         cas = parse_uint(parts[5], _U64_MAX) if mode == "cas" else 0
-        if len(parts) > words:
-            raise ProtocolError(ERROR)
-        if not self.store.fits(key, length):
+        if not 0 <= length <= _I32_MAX - 2:
+            raise ProtocolError(BAD_FORMAT)
+        if not self.store.fits(key, length, flags):
             self.log.info(
                 "Rejected a {length}-byte value for {peer}: over the item size limit",
                 length=length,
                 peer=self.connection.peer,
             )
-            self.stats.cmd_set += 1
+            self.stats.store_too_large += 1
             if mode == "set":
                 self.store.delete(key)
             self.reply(TOO_LARGE)
@@ -364,10 +413,16 @@ class TextHandler:
     def cmd_delete(self, parts: list[bytes]) -> None:
         if not 2 <= len(parts) <= 4:
             raise ProtocolError(ERROR)
-        parts = self.take_noreply(parts)
-        # "delete <key> 0" is an old form memcached still accepts.
-        if len(parts) > 3 or (len(parts) == 3 and parts[2] != b"0"):
-            raise ProtocolError(b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n")
+        if len(parts) > 2:
+            # "delete <key> 0 [noreply]" is an old form memcached still accepts.
+            hold_is_zero = parts[2] == b"0"
+            self.check_noreply(parts)
+            if len(parts) == 3:
+                valid = hold_is_zero or self.noreply
+            else:
+                valid = hold_is_zero and self.noreply
+            if not valid:
+                raise ProtocolError(b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n")
         key = check_key(parts[1])
         if self.store.delete(key) == StoreResult.STORED:
             self.stats.delete_hits += 1
@@ -385,9 +440,7 @@ class TextHandler:
     def _arithmetic(self, parts: list[bytes], incr: bool) -> None:
         if len(parts) not in (3, 4):
             raise ProtocolError(ERROR)
-        parts = self.take_noreply(parts)
-        if len(parts) != 3:
-            raise ProtocolError(ERROR)
+        self.check_noreply(parts)
         key = check_key(parts[1])
         delta = parse_uint(parts[2], _U64_MAX, b"CLIENT_ERROR invalid numeric delta argument\r\n")
         result, value, _ = self.store.incr(key, delta, incr)
@@ -404,9 +457,7 @@ class TextHandler:
     def cmd_touch(self, parts: list[bytes]) -> None:
         if len(parts) not in (3, 4):
             raise ProtocolError(ERROR)
-        parts = self.take_noreply(parts)
-        if len(parts) != 3:
-            raise ProtocolError(ERROR)
+        self.check_noreply(parts)
         key = check_key(parts[1])
         exptime = parse_int(parts[2], INVALID_EXPTIME)
         self.stats.cmd_touch += 1
@@ -422,15 +473,14 @@ class TextHandler:
     def cmd_flush_all(self, parts: list[bytes]) -> None:
         if len(parts) > 3:
             raise ProtocolError(ERROR)
-        parts = self.take_noreply(parts)
+        self.check_noreply(parts)
+        # memcached counts a flush_all even when it rejects it.
+        self.stats.cmd_flush += 1
         if not self.settings.allow_destructive:
             raise ProtocolError(b"CLIENT_ERROR flush_all not allowed\r\n")
         delay = 0
-        if len(parts) == 2:
-            delay = parse_int(parts[1])
-        elif len(parts) > 2:
-            raise ProtocolError(BAD_FORMAT)
-        self.stats.cmd_flush += 1
+        if len(parts) != (2 if self.noreply else 1):
+            delay = parse_int(parts[1], INVALID_EXPTIME)
         self.store.flush(delay)
         self.log.info("flush_all from {peer} (delay {delay} s)", peer=self.connection.peer, delay=delay)
         self.reply(b"OK\r\n")
@@ -441,9 +491,9 @@ class TextHandler:
     def cmd_verbosity(self, parts: list[bytes]) -> None:
         if len(parts) not in (2, 3):
             raise ProtocolError(ERROR)
-        parts = self.take_noreply(parts)
-        level = parse_int(parts[1]) if len(parts) > 1 and parts[1].lstrip(b"-").isdigit() else 0
-        self.factory.verbosity = max(level, 0)
+        self.check_noreply(parts)
+        level = parse_uint(parts[1], _U32_MAX)
+        self.factory.verbosity = min(level, MAX_VERBOSITY)
         self.reply(b"OK\r\n")
 
     def cmd_quit(self, parts: list[bytes]) -> None:
