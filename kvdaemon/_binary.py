@@ -298,8 +298,10 @@ class BinaryHandler:
 
     def _register_extensions(self) -> None:
         """Merge the opcodes of the modules that extend the binary protocol."""
-        from kvdaemon import _scans
+        # Imported here because both modules import this one.
+        from kvdaemon import _binary_ranges, _scans
 
+        self.commands.update(_binary_ranges.binary_commands(self))
         self.commands.update(_scans.binary_commands(self))
 
     def connection_lost(self) -> None:
