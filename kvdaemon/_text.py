@@ -214,6 +214,12 @@ class TextHandler:
             try:
                 data_request = command(parts)
             except ProtocolError as error:
+                self.log.debug(
+                    "Rejected {command!r} from {peer}: {reply!r}",
+                    command=parts[0],
+                    peer=connection.peer,
+                    reply=error.reply,
+                )
                 self.reply(error.reply)
                 offset = eol + 1
                 continue
