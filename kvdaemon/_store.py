@@ -424,17 +424,22 @@ class Store:
         end: bytes | None,
         inclusive: tuple[bool, bool] = (True, True),
         limit: int = 0,
+        max_bytes: int = 0,
     ) -> list[tuple[bytes, Item]]:
         """
         Return up to ``limit`` live items (0 for no limit) with keys between
         ``start`` and ``end`` in bytewise order.
 
-        Either bound may be ``None`` for none.  Safe to call from any thread:
-        it holds :attr:`lock` while it copies the batch, so callers should
-        keep ``limit`` small and call again from the last key returned.
+        Either bound may be ``None`` for none.  With ``max_bytes`` the batch
+        ends once its keys and values add up to that many bytes, and it
+        always holds at least one item when one is in range.  Safe to call
+        from any thread: it holds :attr:`lock` while it copies the batch, so
+        callers should keep the batch small and call again from the last
+        key returned.
         """
         now = self.clock()
         batch = []
+        size = 0
         with self.lock:
             keys: Iterator[bytes] = self._keys.irange(start, end, inclusive)
             records = self._records
@@ -445,6 +450,10 @@ class Store:
                 batch.append((key, _decode(record)))
                 if len(batch) == limit:
                     break
+                if max_bytes:
+                    size += len(key) + len(record) - _HEADER_SIZE
+                    if size >= max_bytes:
+                        break
         return batch
 
 

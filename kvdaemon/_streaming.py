@@ -4,58 +4,69 @@ The streaming core: run a job on worker threads and stream its output to
 one connection, with bounded memory and backpressure.
 
 Only the reactor thread touches the transport.  A job runs as a series of
-bounded *steps* on the service's thread pool; each step writes its output
-into the connection's *spool* and returns.  The spool is the only state the
-two threads share, and it is guarded by a lock.
+bounded *steps* on the service's thread pool.  Each step writes its output
+into the stream's *spool* and returns its thread to the pool.  The spool,
+the step's outcome and the "hand-off pending" flag are the only state the
+two threads share, and a lock guards them.
 
 Who does what
 =============
 
-Worker thread (inside ``job.run_step``):
-    calls ``spool.write(chunk)`` for each piece of output.  When the bytes
+Worker thread, inside ``job.run_step``:
+    calls ``spool.write(chunk)`` for each piece of output.  Once the bytes
     spooled since the last hand-off reach half the spool cap, ``write``
-    schedules one flush with ``reactor.callFromThread`` (never more than one
-    pending per stream).  ``write`` returns False when the step must end:
-    the step has produced a spool's worth of bytes, or the stream was
-    paused or cancelled.  The job then returns, keeping a cursor (for a
-    scan: the last key written) so the next step continues from there.
+    schedules a hand-off with ``reactor.callFromThread``.  ``write``
+    returns False when the step must end: the step has produced a spool's
+    worth of bytes, or the stream was paused or cancelled.  The job then
+    returns, keeping a cursor (for a scan: the last key written) so that
+    the next step continues from there.  When the step returns, its
+    outcome joins the pending hand-off, or schedules one if none is
+    pending.  So each stream has at most one ``callFromThread`` call
+    waiting at any time.
 
-Reactor thread:
-    flushes the spool with ``write_sequence`` (one call per batch), runs
-    ``job.after_step`` when a step's thread returns, and decides whether to
-    start another step.
+Reactor thread, in the hand-off:
+    sends the spooled chunks with one ``write_sequence`` call.  If the step
+    has ended, it runs ``job.after_step`` and decides whether to start
+    another step.
 
 States
 ======
 
 ::
 
-    start() ──► STEPPING ──(step returns)──► WAITING ──(not paused)──► STEPPING
-                   │                            │
-              pause() ends the step        pause(): stay WAITING; no thread held
-              at its next write            resume(): start the next step
-                   │                            │
-                   └─► DONE   job.after_step returned its final bytes
-                   └─► CANCELLED   cancel(), connection lost, or paused
-                                   longer than the stall timeout
+                 start(), not paused
+    WAITING ─────────────────────────────► STEPPING
+       ▲  ▲                                   │
+       │  └───── step ended, paused ──────────┤
+       │                                      │ step ended, not paused:
+       └── resume() starts a step ◄───────────┘ next step starts at once
+
+    Any state ── job complete ──────────────────────► DONE
+    Any state ── cancel(), connection lost, stall ──► CANCELLED
 
 STEPPING
-    A step runs on a pool thread.  At most one step per stream runs at once.
+    A step is queued on or running on a pool thread.  At most one step per
+    stream exists at once.  ``pause()`` makes the running step end at its
+    next ``write``; a step that starts while the stream is paused returns
+    at once without producing anything.
 WAITING
-    No thread is held.  If the transport has not paused us, the next step
-    is scheduled at once; otherwise the stream waits for ``resume``, and a
-    stall timer runs.  A paused stream thus costs a cursor, not a thread.
+    The stream holds no thread and no pool work item, only the job's
+    cursor.  It waits for ``resume()``, and a stall timer runs.
 DONE
-    The job's output, including its final bytes, went to the transport and
-    the Deferred from :meth:`Stream.start` fired with ``None``.
+    Everything the job produced, including the final bytes from
+    ``after_step``, went to the transport, and the Deferred from
+    :meth:`Stream.start` fired with ``None``.
 CANCELLED
-    No step starts again; a running step stops at its next ``write``; any
-    flush that arrives later is dropped.  The Deferred failed with
+    No step starts again, a running step stops at its next ``write``, and a
+    hand-off that arrives later is dropped.  The Deferred failed with
     ``CancelledError`` or, after a stall, :class:`StreamStalled`.
 
 Memory per stream is bounded by the spool cap plus one chunk (a chunk is
 never split, so a value larger than the cap passes whole), plus whatever
-the transport buffers before it pauses us.
+the transport buffers before it pauses the stream.  A step starts only
+while the transport is not paused, and it produces at most a spool's
+worth, so the transport buffer stays under its pause threshold (64 KiB in
+Twisted) plus one spool cap plus one chunk.
 """
 
 from __future__ import annotations
@@ -65,7 +76,6 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -79,20 +89,31 @@ class StreamJob(Protocol):
     Work whose output is streamed to a client.
 
     ``run_step`` runs on a worker thread and must not touch the transport,
-    Deferreds or store mutations; ``after_step`` runs on the reactor thread.
+    Deferreds or store mutations.  ``after_step`` runs on the reactor
+    thread.  Steps never overlap, and ``after_step`` for one step runs
+    before the next step starts.
     """
 
     def run_step(self, spool: Spool) -> Any:
-        """Produce the next piece of output through ``spool.write`` until it returns False or the job ends."""
+        """
+        Produce the next piece of output through ``spool.write``.
+
+        Return as soon as ``write`` returns False or the job has nothing
+        more to produce.  The return value is passed to ``after_step``.
+        """
 
     def after_step(self, result: Any) -> bytes | None:
         """
         Apply what the step found (store mutations belong here).
 
-        :return: ``None`` while more steps are needed; once the job is
+        :return: ``None`` while more steps are needed.  Once the job is
             complete, the bytes to send after everything spooled (may be
             empty).
         """
+
+
+#: What a step returns when it started while the stream was paused.
+_SKIPPED = object()
 
 
 class Spool:
@@ -105,9 +126,15 @@ class Spool:
         """
         Queue ``chunk`` for the client (worker thread).
 
+        The chunk is always kept, so the job must count it as sent.
         :return: whether the step may go on producing.
         """
         return self._stream._spool_write(chunk)
+
+    @property
+    def remaining(self) -> int:
+        """Bytes the current step may still produce before ``write`` ends it (at least 1)."""
+        return max(self._stream.spool_limit - self._stream._step_bytes, 1)
 
     @property
     def cancelled(self) -> bool:
@@ -121,6 +148,8 @@ class Stream:
 
     Every method except the spool's runs on the reactor thread.
 
+    :param threadpool: the pool that runs the steps; anything with
+        ``ThreadPool.callInThreadWithCallback``.
     :param write_sequence: sends a list of byte strings to the transport.
     :param spool_limit: the spool cap in bytes; a step ends once it has
         produced this many bytes.
@@ -149,25 +178,29 @@ class Stream:
         self._stall_timeout = stall_timeout
         self._spool = Spool(self)
 
-        # Shared with the worker; guarded by _lock.
+        # Shared with the worker, guarded by _lock.
         self._lock = threading.Lock()
         self._chunks: list[bytes] = []
         self._spooled_bytes = 0
-        self._flush_pending = False
+        #: Whether a callFromThread to _take_handoff is queued.
+        self._handoff_pending = False
+        #: (succeeded, result) of a step that ended, until the reactor takes it.
+        self._step_outcome: tuple[bool, Any] | None = None
 
-        # Read by the worker, written by the reactor thread only.
+        # Written by the reactor thread only; the worker reads them.
         self.paused = paused
         self.cancelled = False
 
-        # Worker-only: bytes produced by the running step.
+        # Worker only: bytes produced by the running step.
         self._step_bytes = 0
 
-        # Reactor-only.
+        # Reactor thread only.
         self.stepping = False
         self.done = False
         self._stall_call: IDelayedCall | None = None
         self._deferred: Deferred[None] = Deferred(lambda d: self.cancel())
-        #: ``callFromThread`` calls made for this stream (hand-offs and step ends).
+        #: Hand-offs from a worker thread that the reactor thread ran
+        #: (each is one ``callFromThread`` call).
         self.reactor_hops = 0
         #: Bytes handed to the transport.
         self.bytes_sent = 0
@@ -208,44 +241,59 @@ class Stream:
         return self.done or self.cancelled
 
     def _start_step(self) -> None:
+        if getattr(self._threadpool, "joined", False):
+            # A stopped ThreadPool drops new work without a word, which
+            # would leave this stream waiting forever.
+            self._fail(Failure(CancelledError("the worker pool is stopped")))
+            return
         self.stepping = True
+        # The pool's callback runs on the worker thread: it merges the
+        # step's end into a pending hand-off instead of adding a second
+        # callFromThread, which deferToThreadPool would do.
+        self._threadpool.callInThreadWithCallback(self._step_finished, self._run_step)
+
+    def _take_handoff(self) -> None:
         self.reactor_hops += 1
-        d = deferToThreadPool(self._reactor, self._threadpool, self._run_step)
-        d.addCallbacks(self._step_returned, self._step_failed)
-
-    def _step_returned(self, result: Any) -> None:
-        self.stepping = False
-        if self.cancelled:
-            return
-        try:
-            tail = self.job.after_step(result)
-        except Exception:
-            self._fail(Failure())
-            return
-        self._flush()
-        if self.cancelled:
-            return
-        if tail is not None:
-            if tail:
-                self._send([tail])
-            self.done = True
-            self._disarm_stall_timer()
-            self._deferred.callback(None)
-        elif not self.paused:
-            self._start_step()
-
-    def _step_failed(self, failure: Failure) -> None:
-        self.stepping = False
-        self._fail(failure)
-
-    def _flush(self) -> None:
         with self._lock:
             chunks = self._chunks
             self._chunks = []
             self._spooled_bytes = 0
-            self._flush_pending = False
-        if chunks and not self.cancelled:
+            outcome = self._step_outcome
+            self._step_outcome = None
+            self._handoff_pending = False
+        if self._finished():
+            # The connection is gone or the job was cancelled: drop the data.
+            return
+        if chunks:
             self._send(chunks)
+        if outcome is not None:
+            self._step_ended(*outcome)
+
+    def _step_ended(self, succeeded: bool, result: Any) -> None:
+        self.stepping = False
+        if self._finished():
+            return
+        if not succeeded:
+            self._fail(result)
+            return
+        if result is _SKIPPED:
+            tail = None
+        else:
+            try:
+                tail = self.job.after_step(result)
+            except Exception:
+                self._fail(Failure())
+                return
+            if self._finished():
+                return
+        if tail is not None:
+            self.done = True
+            self._disarm_stall_timer()
+            if tail:
+                self._send([tail])
+            self._deferred.callback(None)
+        elif not self.paused:
+            self._start_step()
 
     def _send(self, chunks: list[bytes]) -> None:
         self.bytes_sent += sum(map(len, chunks))
@@ -280,24 +328,31 @@ class Stream:
 
     def _run_step(self) -> Any:
         self._step_bytes = 0
-        if self.cancelled:
-            return None
+        if self.cancelled or self.paused:
+            return _SKIPPED
         return self.job.run_step(self._spool)
+
+    def _step_finished(self, succeeded: bool, result: Any) -> None:
+        with self._lock:
+            self._step_outcome = (succeeded, result)
+            schedule = not self._handoff_pending
+            self._handoff_pending = True
+        if schedule:
+            self._reactor.callFromThread(self._take_handoff)
 
     def _spool_write(self, chunk: bytes) -> bool:
         if self.cancelled:
             return False
         self._step_bytes += len(chunk)
-        step_over = self.paused or self._step_bytes >= self.spool_limit
+        go_on = not self.paused and self._step_bytes < self.spool_limit
         with self._lock:
             self._chunks.append(chunk)
             self._spooled_bytes += len(chunk)
-            # The end of a step flushes anyway, so hand off early only when
-            # the step goes on.
-            hand_off = not step_over and not self._flush_pending and self._spooled_bytes >= self._handoff_size
-            if hand_off:
-                self._flush_pending = True
-        if hand_off:
-            self.reactor_hops += 1
-            self._reactor.callFromThread(self._flush)
-        return not step_over and not self.cancelled
+            # The step's end hands the spool over anyway, so hand off early
+            # only while the step goes on.
+            schedule = go_on and not self._handoff_pending and self._spooled_bytes >= self._handoff_size
+            if schedule:
+                self._handoff_pending = True
+        if schedule:
+            self._reactor.callFromThread(self._take_handoff)
+        return go_on and not self.cancelled

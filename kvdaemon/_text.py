@@ -37,6 +37,11 @@ TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 INVALID_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
 END = b"END\r\n"
 
+#: Commands after which memcached 1.6 has sent every reply queued before
+#: them; ``lru_crawler metadump`` checks for queued replies (see
+#: :attr:`TextHandler.follows_reply`).
+_FLUSHING_COMMANDS = frozenset([b"get", b"gets", b"gat", b"gats", b"mn"])
+
 _STORE_REPLIES = {
     StoreResult.STORED: b"STORED\r\n",
     StoreResult.NOT_STORED: b"NOT_STORED\r\n",
@@ -137,6 +142,10 @@ class TextHandler:
         self.noreply = False
         #: Bytes of a rejected data block still to be skipped.
         self._swallow = 0
+        #: Whether the request being executed came in the same batch of
+        #: input as an earlier request whose reply memcached would still
+        #: hold unsent: any request but the ones in ``_FLUSHING_COMMANDS``.
+        self.follows_reply = False
         self._commands: dict[bytes, Callable[[list[bytes]], DataRequest | None]] = {
             b"get": self.cmd_get,
             b"gets": self.cmd_gets,
@@ -176,6 +185,7 @@ class TextHandler:
         connection = self.connection
         commands = self._commands
         end = len(buffer)
+        previous_command: bytes | None = None
         while offset < end and not connection.blocked:
             if self._swallow:
                 skipped = min(self._swallow, end - offset)
@@ -196,6 +206,8 @@ class TextHandler:
             if b"" in parts:
                 parts = [part for part in parts if part]
             self.noreply = False
+            self.follows_reply = previous_command is not None and previous_command not in _FLUSHING_COMMANDS
+            previous_command = parts[0] if parts else b""
             if not parts:
                 connection.write(ERROR)
                 offset = eol + 1
