@@ -70,7 +70,12 @@ class KVDaemonService(service.Service):
         """
         self.threadpool.start()
         for description in self.listen:
-            endpoint = serverFromString(self.reactor, description)
+            try:
+                endpoint = serverFromString(self.reactor, description)
+            except Exception as error:
+                self.log.error("Invalid endpoint {endpoint}: {error}", endpoint=description, error=error)
+                self._stop_listening_and_pool()
+                raise
             failures: list[Any] = []
             d = endpoint.listen(self.factory)
             d.addCallbacks(self.ports.append, failures.append)
