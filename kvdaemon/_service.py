@@ -57,6 +57,7 @@ class KVDaemonService(service.Service):
         self.threadpool = ThreadPool(minthreads=0, maxthreads=self.settings.threads, name="kvdaemon-workers")
         self.factory = KVDaemonFactory(self.settings, reactor=reactor, threadpool=self.threadpool)
         self.factory.listen_descriptions = self.listen
+        self._shutdown_trigger: Any = None
         #: The ports listened on, once :meth:`startService` has run.
         self.ports: list[IListeningPort] = []
 
@@ -69,6 +70,10 @@ class KVDaemonService(service.Service):
             exits instead of running a server that serves nothing.
         """
         self.threadpool.start()
+        # Worker threads are not daemon threads: a program that shuts the
+        # reactor down without stopping this service would hang on exit,
+        # so the pool also stops with the reactor.
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
         for description in self.listen:
             try:
                 endpoint = serverFromString(self.reactor, description)
@@ -103,14 +108,20 @@ class KVDaemonService(service.Service):
         super().stopService()
         return self._stop_listening_and_pool()
 
+    def _stop_pool(self) -> None:
+        if self.threadpool.started:
+            self.threadpool.stop()
+
     def _stop_listening_and_pool(self) -> defer.Deferred[None]:
         ports, self.ports = self.ports, []
         stopped = [defer.maybeDeferred(port.stopListening) for port in ports]
         self.factory.cancel_streams()
         if self.factory.scans is not None:
             self.factory.scans.close()
-        if self.threadpool.started:
-            self.threadpool.stop()
+        self._stop_pool()
+        if self._shutdown_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
         d = defer.gatherResults(stopped, consumeErrors=True)
         d.addCallback(lambda _: self.log.info("kvdaemon stopped"))
         return d
