@@ -12,6 +12,7 @@ import time
 
 import attrs
 
+from kvdaemon._store import StoreResult
 from kvdaemon._version import PROTOCOL_VERSION
 
 
@@ -58,6 +59,15 @@ class Stats:
     scans_expired: int = 0
     scans_cancelled: int = 0
     scans_completed: int = 0
+
+    def count_cas(self, result: str) -> None:
+        """Count a compare-and-swap store by its :class:`kvdaemon._store.StoreResult` name."""
+        if result == StoreResult.STORED:
+            self.cas_hits += 1
+        elif result == StoreResult.EXISTS:
+            self.cas_badval += 1
+        elif result == StoreResult.NOT_FOUND:
+            self.cas_misses += 1
 
 
 def general_stats(stats: Stats, store, settings, now: float, threads: int) -> list[tuple[str, object]]:

@@ -42,6 +42,13 @@ _FLAGS_SIZE = 4
 #: The longest key memcached accepts.
 MAX_KEY_LENGTH = 250
 
+#: Marks that meta commands keep per item (see :meth:`Store.marks`): the
+#: item is stale (``md`` with ``I``), a client has been sent the win token
+#: for it (``W``), its key was given base64-encoded (``b``).
+MARK_STALE = 1
+MARK_WIN_SENT = 2
+MARK_BINARY_KEY = 4
+
 #: An item is bumped to the LRU head at most once per this many seconds,
 #: like memcached's ``ITEM_UPDATE_INTERVAL``; the last-access time reported
 #: by metadump has the same granularity.
@@ -143,6 +150,10 @@ class Store:
         #: Items with a last-access time before this are treated as gone
         #: (``flush_all`` with a delay sets it in the future).
         self.flushed_before = 0.0
+        #: Meta-command marks by key, each with the CAS unique of the item
+        #: it belongs to: a new item under the key gets a new CAS unique,
+        #: which voids the entry.
+        self._marks: dict[bytes, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -415,6 +426,63 @@ class Store:
         """Allocate a CAS unique without storing anything."""
         with self.lock:
             return self._new_cas()
+
+    def modify(self, key: bytes, expires: int | None = None, cas: int | None = None) -> Item | None:
+        """
+        Give the live item under ``key`` a new absolute expiry time (0 for
+        never, -1 to remove it now) or CAS unique, or both, without bumping
+        it in the LRU or changing its last access time.
+
+        :return: the updated item, or ``None`` when it is missing or was
+            removed.
+        """
+        now = self.clock()
+        with self.lock:
+            record = self._lookup(key, now)
+            if record is None:
+                return None
+            if expires is not None and expires < 0:
+                self._unlink(key)
+                return None
+            flags, old_expires, old_cas, last_access, fetched = _HEADER.unpack_from(record)
+            if expires is None:
+                expires = old_expires
+            if cas is None:
+                cas = old_cas
+            record = _HEADER.pack(flags, expires, cas, last_access, fetched) + record[_HEADER_SIZE:]
+            self._records[key] = record
+            return _decode(record)
+
+    def marks(self, key: bytes) -> int:
+        """
+        Return the ``MARK_*`` bits of the item under ``key``: 0 when it has
+        none, or when no item is stored under the key.
+        """
+        entry = self._marks.get(key)
+        if entry is None:
+            return 0
+        record = self._records.get(key)
+        if record is None or _HEADER.unpack_from(record)[2] != entry[0]:
+            del self._marks[key]
+            return 0
+        return entry[1]
+
+    def set_marks(self, key: bytes, marks: int) -> None:
+        """Set the ``MARK_*`` bits of the item now stored under ``key``."""
+        record = self._records.get(key)
+        if record is None or not marks:
+            self._marks.pop(key, None)
+            return
+        self._marks[key] = (_HEADER.unpack_from(record)[2], marks)
+        # Entries of deleted, evicted and replaced items are dropped only
+        # here, so that the hot paths never touch this dictionary.
+        if len(self._marks) > len(self._records) + 1024:
+            records = self._records
+            self._marks = {
+                marked_key: entry
+                for marked_key, entry in self._marks.items()
+                if marked_key in records and _HEADER.unpack_from(records[marked_key])[2] == entry[0]
+            }
 
     # -- worker-thread API --
 

@@ -74,7 +74,8 @@ class ProtocolError(Exception):
 _C_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r]|\Z)")
 
 
-def _read_number(token: bytes) -> int | None:
+def read_number(token: bytes) -> int | None:
+    """Return the signed number that ``token`` is, read as above, or ``None`` when it is not one."""
     if token.isdigit():
         return int(token)
     match = _C_NUMBER.match(token)
@@ -98,7 +99,7 @@ def parse_uint(token: bytes, maximum: int, reply: bytes = BAD_FORMAT) -> int:
     :raise ProtocolError: with ``reply``, for anything else or a value above
         ``maximum``.
     """
-    value = _read_number(token)
+    value = read_number(token)
     if value is None or not 0 <= value <= maximum:
         raise ProtocolError(reply)
     return value
@@ -110,7 +111,7 @@ def parse_int(token: bytes, reply: bytes = BAD_FORMAT) -> int:
 
     :raise ProtocolError: with ``reply``, for anything else.
     """
-    value = _read_number(token)
+    value = read_number(token)
     if value is None or not _I32_MIN <= value <= _I32_MAX:
         raise ProtocolError(reply)
     return value
@@ -418,12 +419,7 @@ class TextHandler:
         self.stats.cmd_set += 1
         result, _ = self.store.store(mode, key, value, flags, exptime, cas)
         if mode == "cas":
-            if result == StoreResult.STORED:
-                self.stats.cas_hits += 1
-            elif result == StoreResult.EXISTS:
-                self.stats.cas_badval += 1
-            elif result == StoreResult.NOT_FOUND:
-                self.stats.cas_misses += 1
+            self.stats.count_cas(result)
         self.reply(_STORE_REPLIES[result])
 
     # -- other item commands --
