@@ -3,9 +3,9 @@ kvdaemon's classic text protocol against a real memcached 1.6.18: the same
 raw requests, error cases included, go to both servers over sockets and
 the replies must match byte for byte.
 
-What legitimately differs is normalised first: CAS values are renamed in
-order of first appearance on each server (so "the same unique" and
-"a different unique" still compare), the version string is masked, and
+What legitimately differs is normalised first.  CAS values are renamed
+in order of first appearance on each server, so "the same unique" and "a
+different unique" still compare.  The version string is masked, and
 ``stats`` output is compared only for the counters both servers keep.
 The differences kvdaemon keeps on purpose are pinned in
 :class:`KnownDifferenceTests`, each server's reply asserted on its own.
@@ -441,9 +441,9 @@ class KnownDifferenceTests(ReferenceTestCase):
 
     @defer.inlineCallbacks
     def test_long_key_get_keeps_earlier_replies(self):
-        # memcached drops every reply still queued on the connection when a
-        # get names a key over 250 bytes, including replies to earlier
-        # commands; kvdaemon sends those and then the error.
+        # When a get names a key over 250 bytes, memcached drops every reply
+        # still queued on the connection, replies to earlier commands
+        # included.  kvdaemon sends those replies and then the error.
         reference, ours = yield self.replies(b"set a 0 0 1\r\nx\r\nget a " + KEY_251 + b"\r\n")
         self.assertEqual(reference, b"CLIENT_ERROR bad command line format\r\n")
         self.assertEqual(ours, b"OK\r\nSTORED\r\nCLIENT_ERROR bad command line format\r\n")

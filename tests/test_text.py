@@ -103,6 +103,14 @@ class StorageCommandTests(TextTestCase):
         self.assertEqual(self.send(b"set k 0 0 8\r\nab\r\ncd\r\n\r\n"), b"STORED\r\n")
         self.assertEqual(self.send(b"get k\r\n"), b"VALUE k 0 8\r\nab\r\ncd\r\n\r\nEND\r\n")
 
+    def test_long_value_in_pieces(self) -> None:
+        # A data block is read by its length, so its lack of newlines never
+        # trips the 2048-byte line limit.
+        chunks = [b"set k 0 0 5000\r\n" + b"v" * 100, b"v" * 2900, b"v" * 2000, b"\r\n"]
+        self.assertEqual(self.client.send_chunks(chunks), b"STORED\r\n")
+        self.assertFalse(self.client.closed)
+        self.assertEqual(self.send(b"get k\r\n"), b"VALUE k 0 5000\r\n" + b"v" * 5000 + b"\r\nEND\r\n")
+
     def test_binary_value(self) -> None:
         value = bytes(range(256))
         self.assertEqual(self.send(b"set k 0 0 256\r\n" + value + b"\r\n"), b"STORED\r\n")
@@ -264,6 +272,13 @@ class ItemSizeLimitTests(TextTestCase):
     def test_too_large_swallow_split_across_reads(self) -> None:
         chunks = [b"set k 0 0 3000\r\n", b"x" * 1000, b"x" * 1000, b"x" * 1000 + b"\r", b"\nget k\r\n"]
         self.assertEqual(self.client.send_chunks(chunks), TOO_LARGE + b"END\r\n")
+
+    def test_too_large_swallow_long_read_kept_open(self) -> None:
+        # The swallowed block has no newline for far more than 2048 bytes.
+        self.assertEqual(self.send(b"set k 0 0 5000\r\n"), TOO_LARGE)
+        self.assertEqual(self.send(b"x" * 5000), b"")
+        self.assertFalse(self.client.closed)
+        self.assertEqual(self.send(b"\r\nget k\r\n"), b"END\r\n")
 
     def test_too_large_noreply(self) -> None:
         self.send(b"set k 0 0 3\r\nold\r\n")
