@@ -431,7 +431,7 @@ class MetaCommands:
         return b"".join(echoed)
 
     def _vivify(self, flags: MetaFlags, value: bytes) -> Item | None:
-        """Create the item a request with ``N`` asked for on a miss; it expires never until the reply sets its TTL."""
+        """Create the empty item that ``N`` requests on a miss; the reply's flags set its TTL."""
         store = self.store
         store.store("add", flags.key, value, 0, 0)
         if flags.new_cas is not None:
@@ -619,7 +619,7 @@ class MetaCommands:
 
     def _store_value(self, flags: MetaFlags, mode: str, value: bytes) -> tuple[str, int]:
         """
-        Store ``value`` as an ``ms`` request with ``flags`` and ``mode`` asks.
+        Store ``value`` as requested by an ``ms`` request's ``flags`` and ``mode``.
 
         :return: a :class:`StoreResult` name and the CAS value (0 unless
             stored).
@@ -744,7 +744,8 @@ class MetaCommands:
     def _send_number(self, parts: list[bytes], flags: MetaFlags, item: Item | None, number: int, created: bool) -> None:
         if item is None:
             # Only a store that evicts the item it has just written gets
-            # here: memcached reports the failed creation as NS.
+            # here.  memcached's protocol.txt gives NS for an item that ma
+            # failed to create.
             self.connection.write(b"NS" + self._echoed_flags(parts, flags) + b"\r\n")
             return
 

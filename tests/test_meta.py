@@ -83,7 +83,7 @@ class GetTests(MetaTestCase):
         reply = self.send(b"mg k O9 l h c t f\r\n")
         self.assertEqual(reply, b"HD O9 l0 h1 c%d t100 f5\r\n" % cas)
 
-    def test_ttl_of_item_without_expiry_is_minus_one(self) -> None:
+    def test_ttl_without_expiry_minus_one(self) -> None:
         self.set_value(b"k", b"v")
         self.assertEqual(self.send(b"mg k t\r\n"), b"HD t-1\r\n")
 
@@ -92,7 +92,7 @@ class GetTests(MetaTestCase):
         self.reactor.advance(30)
         self.assertEqual(self.send(b"mg k t\r\n"), b"HD t70\r\n")
 
-    def test_hit_and_last_access_report_state_before_request(self) -> None:
+    def test_hit_and_access_before_request(self) -> None:
         self.set_value(b"k", b"v")
         self.reactor.advance(5)
         self.assertEqual(self.send(b"mg k h l\r\n"), b"HD h0 l5\r\n")
@@ -351,7 +351,7 @@ class RecacheTests(MetaTestCase):
 class StaleTests(MetaTestCase):
     """Invalidation: md with I, and ms with I and an older CAS value."""
 
-    def test_invalidated_item_served_stale_with_one_win(self) -> None:
+    def test_invalidated_item_served_stale(self) -> None:
         self.set_value(b"k", b"hi", b"T100")
         old_cas = self.cas_of(b"k")
         self.assertEqual(self.send(b"md k I T30\r\n"), b"HD\r\n")
@@ -444,7 +444,7 @@ class SetTests(MetaTestCase):
     def test_add_mode_ignores_compare_cas(self) -> None:
         self.assertEqual(self.set_value(b"k", b"a", b"ME C1"), b"HD\r\n")
 
-    def test_append_and_prepend_keep_flags_and_ttl(self) -> None:
+    def test_append_prepend_keep_flags(self) -> None:
         self.set_value(b"k", b"hi", b"F3 T100")
         self.assertEqual(self.set_value(b"k", b"XX", b"MA F5 T0"), b"HD\r\n")
         self.assertEqual(self.set_value(b"k", b"ZZ", b"MP"), b"HD\r\n")
@@ -546,8 +546,8 @@ class SetErrorTests(MetaTestCase):
             (b"ms k 2 a b c d e f g h i j k l m n o p q\r\nhi\r\n", b"CLIENT_ERROR options flags too long\r\n"),
         ]
         for request, error in cases:
-            # The data line is then read as a command, which memcached
-            # does not know.
+            # The data line is then read as a command line, and memcached
+            # replies ERROR to it.
             self.assertEqual(self.send(request), error + b"ERROR\r\n", request)
 
     def test_flag_errors_skip_data(self) -> None:
@@ -577,7 +577,7 @@ class SetErrorTests(MetaTestCase):
         self.assertEqual(self.send(b"ms k 5 c\r\nhe"), b"")
         self.assertEqual(self.send(b"llo\r\n"), b"HD c%d\r\n" % self.cas_of(b"k"))
 
-    def test_too_large_skips_data_and_removes_old_item(self) -> None:
+    def test_too_large_removes_old_item(self) -> None:
         size = Settings().max_item_size + 10
         for mode in (b"", b"MA", b"q"):
             self.set_value(b"k", b"old")
@@ -846,7 +846,7 @@ class StoreMetaTests(SynchronousTestCase):
         self.clock.advance(NOW)
         self.store = Store(self.clock.seconds)
 
-    def test_modify_sets_expiry_and_cas_without_bump(self) -> None:
+    def test_modify_without_bump(self) -> None:
         self.store.store("set", b"a", b"1", 0, 0)
         self.clock.advance(10)
         item = self.store.modify(b"a", expires=NOW + 100, cas=77)
