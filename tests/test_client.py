@@ -477,15 +477,16 @@ class FramingTests(SynchronousTestCase):
 
 
 class StatusErrorTests(SynchronousTestCase):
-    def answer(self, call, status: int, message: bytes = b"", records: bytes = b"") -> Failure:
+    def reply_with_error(self, call, status: int, message: bytes) -> Failure:
+        """Send the request that ``call`` makes, reply with ``status`` and return the failure."""
         client, transport = connected_client()
         deferred = call(client)
         request = last_request(transport)
-        client.dataReceived(records + response(request["opcode"], request["opaque"], status, value=message))
+        client.dataReceived(response(request["opcode"], request["opaque"], status, value=message))
         return self.failureResultOf(deferred, KVStatusError)
 
     def test_set_error_carries_status_and_message(self) -> None:
-        failure = self.answer(lambda client: client.set(b"k", b"v"), 0x03, b"Too large.")
+        failure = self.reply_with_error(lambda client: client.set(b"k", b"v"), 0x03, b"Too large.")
         self.assertEqual(failure.value.status, ResponseStatus.TOO_LARGE)
         self.assertEqual(failure.value.message, "Too large.")
         self.assertEqual(failure.value.opcode, SET)
@@ -493,25 +494,25 @@ class StatusErrorTests(SynchronousTestCase):
         self.assertIn("Too large.", str(failure.value))
 
     def test_unknown_command_status(self) -> None:
-        failure = self.answer(lambda client: client.range_get(None, None, print), 0x81, b"Unknown command")
+        failure = self.reply_with_error(lambda client: client.range_get(None, None, print), 0x81, b"Unknown command")
         self.assertEqual(failure.value.status, ResponseStatus.UNKNOWN_COMMAND)
 
     def test_unlisted_status_kept_as_int(self) -> None:
-        failure = self.answer(lambda client: client.get(b"k"), 0x99, b"\xffodd")
+        failure = self.reply_with_error(lambda client: client.get(b"k"), 0x99, b"\xffodd")
         self.assertEqual(failure.value.status, 0x99)
         self.assertNotIsInstance(failure.value.status, ResponseStatus)
         self.assertEqual(failure.value.message, "\ufffdodd")
 
     def test_range_get_busy(self) -> None:
-        failure = self.answer(lambda client: client.range_get(None, None, print), 0x85, b"Busy")
+        failure = self.reply_with_error(lambda client: client.range_get(None, None, print), 0x85, b"Busy")
         self.assertEqual(failure.value.status, ResponseStatus.BUSY)
 
     def test_continue_no_such_scan(self) -> None:
-        failure = self.answer(lambda client: client.continue_scan(SCAN_ID, print), 0x01, b"Not found")
+        failure = self.reply_with_error(lambda client: client.continue_scan(SCAN_ID, print), 0x01, b"Not found")
         self.assertEqual(failure.value.status, ResponseStatus.NOT_FOUND)
 
     def test_continue_busy(self) -> None:
-        failure = self.answer(lambda client: client.continue_scan(SCAN_ID, print), 0x85, b"Busy")
+        failure = self.reply_with_error(lambda client: client.continue_scan(SCAN_ID, print), 0x85, b"Busy")
         self.assertEqual(failure.value.status, ResponseStatus.BUSY)
 
     def test_continue_cancelled_after_records(self) -> None:
@@ -528,7 +529,7 @@ class StatusErrorTests(SynchronousTestCase):
         self.assertEqual(failure.value.status, ResponseStatus.RANGE_SCAN_CANCELLED)
 
     def test_cancel_no_such_scan(self) -> None:
-        failure = self.answer(lambda client: client.cancel_scan(SCAN_ID), 0x01, b"Not found")
+        failure = self.reply_with_error(lambda client: client.cancel_scan(SCAN_ID), 0x01, b"Not found")
         self.assertEqual(failure.value.opcode, SCAN_CANCEL)
 
     def test_error_keeps_connection_usable(self) -> None:
@@ -574,7 +575,7 @@ class ProtocolErrorTests(SynchronousTestCase):
         packet[2:4] = struct.pack(">H", 10)
         self.check_rejected(client, transport, got, bytes(packet))
 
-    def test_second_reply_to_answered_request_aborts(self) -> None:
+    def test_duplicate_last_response_aborts(self) -> None:
         client, transport = connected_client()
         got = client.get(b"k")
         other = client.get(b"m")
@@ -754,7 +755,7 @@ class ScanHelperTests(SynchronousTestCase):
         client.dataReceived(response(SCAN_CREATE, create["opaque"], value=SCAN_ID))
         return client, transport, records, scanned
 
-    def answer_continue(self, client: KVClientProtocol, transport: StringTransport, keys: list[bytes], status: int) -> None:
+    def reply_to_continue(self, client: KVClientProtocol, transport: StringTransport, keys: list[bytes], status: int) -> None:
         request = last_request(transport)
         self.assertEqual(request["opcode"], SCAN_CONTINUE)
         transport.clear()
@@ -766,9 +767,9 @@ class ScanHelperTests(SynchronousTestCase):
     def test_scan_continues_until_complete(self) -> None:
         client, transport, records, scanned = self.start_scan(key_only=True, item_limit=2, byte_limit=100)
         self.assertEqual(last_request(transport)["extras"], SCAN_ID + struct.pack(">III", 2, 0, 100))
-        self.answer_continue(client, transport, [b"a", b"b"], ResponseStatus.RANGE_SCAN_MORE)
-        self.answer_continue(client, transport, [b"c", b"d"], ResponseStatus.RANGE_SCAN_MORE)
-        self.answer_continue(client, transport, [b"e"], ResponseStatus.RANGE_SCAN_COMPLETE)
+        self.reply_to_continue(client, transport, [b"a", b"b"], ResponseStatus.RANGE_SCAN_MORE)
+        self.reply_to_continue(client, transport, [b"c", b"d"], ResponseStatus.RANGE_SCAN_MORE)
+        self.reply_to_continue(client, transport, [b"e"], ResponseStatus.RANGE_SCAN_COMPLETE)
         self.assertEqual([record.key for record in records], [b"a", b"b", b"c", b"d", b"e"])
         self.assertEqual(self.successResultOf(scanned), 5)
         self.assertEqual(transport.value(), b"")
@@ -785,13 +786,13 @@ class ScanHelperTests(SynchronousTestCase):
         create = last_request(transport)
         transport.clear()
         client.dataReceived(response(SCAN_CREATE, create["opaque"], value=SCAN_ID))
-        self.answer_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_MORE)
+        self.reply_to_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_MORE)
         self.assertEqual(len(records), 1)
         self.assertEqual(transport.value(), b"")
 
         client.resumeProducing()
         self.assertEqual(last_request(transport)["opcode"], SCAN_CONTINUE)
-        self.answer_continue(client, transport, [], ResponseStatus.RANGE_SCAN_COMPLETE)
+        self.reply_to_continue(client, transport, [], ResponseStatus.RANGE_SCAN_COMPLETE)
         self.assertEqual(self.successResultOf(scanned), 1)
 
     def test_scan_paused_before_create_reply(self) -> None:
@@ -854,7 +855,7 @@ class ScanHelperTests(SynchronousTestCase):
     def test_cancelled_scan_complete_sends_nothing(self) -> None:
         client, transport, records, scanned = self.start_scan()
         scanned.cancel()
-        self.answer_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_COMPLETE)
+        self.reply_to_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_COMPLETE)
         self.failureResultOf(scanned, CancelledError)
         self.assertEqual(records, [])
         self.assertEqual(transport.value(), b"")
@@ -867,13 +868,13 @@ class ScanHelperTests(SynchronousTestCase):
 
         scanned = client.scan(None, None, on_record)
         client.dataReceived(response(SCAN_CREATE, last_request(transport)["opaque"], value=SCAN_ID))
-        self.answer_continue(client, transport, [b"a", b"b"], ResponseStatus.RANGE_SCAN_MORE)
+        self.reply_to_continue(client, transport, [b"a", b"b"], ResponseStatus.RANGE_SCAN_MORE)
         self.assertIn("bad record b'a'", str(self.failureResultOf(scanned, ValueError).value))
         self.assertEqual(last_request(transport)["opcode"], SCAN_CANCEL)
 
     def test_scan_continue_error_fails_scan(self) -> None:
         client, transport, records, scanned = self.start_scan()
-        self.answer_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_CANCELLED)
+        self.reply_to_continue(client, transport, [b"a"], ResponseStatus.RANGE_SCAN_CANCELLED)
         self.assertEqual(self.failureResultOf(scanned, KVStatusError).value.status, ResponseStatus.RANGE_SCAN_CANCELLED)
         self.assertEqual(transport.value(), b"")
 
