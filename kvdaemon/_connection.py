@@ -48,6 +48,11 @@ from kvdaemon._streaming import Stream, StreamJob, StreamStalled
 if TYPE_CHECKING:
     from kvdaemon._factory import KVDaemonFactory
 
+#: Replies produced while one read's requests execute are sent together;
+#: past this many bytes they are sent at once, so a pipeline of large
+#: replies cannot pile up before the transport gets a chance to push back.
+OUTPUT_BATCH_BYTES = 64 * 1024
+
 #: The first byte of every binary protocol request.
 BINARY_REQUEST_MAGIC = 0x80
 
@@ -95,6 +100,10 @@ class Connection(protocol.Protocol):
         self.wanted = 0
         self.handler: Handler | None = None
         self._send_now: Callable[[bytes], bool] | None = None
+        #: True while requests execute: replies then wait in _output.
+        self._collecting = False
+        self._output: list[bytes] = []
+        self._output_bytes = 0
         self.stream: Stream | None = None
         #: True while the transport's write buffer is over its limit.
         self.producer_paused = False
@@ -119,6 +128,14 @@ class Connection(protocol.Protocol):
         self.last_request_time = self.factory.reactor.seconds()
         self.transport.registerProducer(self, True)
         self._send_now = direct_sender(self.transport)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # Like memcached: a reply must not wait for the client's
+            # acknowledgement of the previous one (Nagle's algorithm).
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         self.factory.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -163,15 +180,19 @@ class Connection(protocol.Protocol):
             if self.handler is None:
                 self.handler = self._detect_protocol(self._buffer[self._offset])
             self.wanted = 0
+            self._collecting = True
             try:
                 self._offset = self.handler.process(self._buffer, self._offset)
             except Exception:
+                self._collecting = False
                 self.log.failure(
                     "Unexpected error serving {peer}; closing the connection",
                     peer=self.peer,
                 )
                 self.close()
                 return
+            self._collecting = False
+            self._flush_output()
             if self._offset >= len(self._buffer):
                 self._buffer = b""
                 self._offset = 0
@@ -215,16 +236,35 @@ class Connection(protocol.Protocol):
     def write(self, data: bytes) -> None:
         """Send one reply (reactor thread only)."""
         self.stats.bytes_written += len(data)
-        if self._send_now is None or not self._send_now(data):
-            self.transport.write(data)
+        if self._collecting:
+            self._output.append(data)
+            self._output_bytes += len(data)
+            if self._output_bytes >= OUTPUT_BATCH_BYTES:
+                self._flush_output()
+        else:
+            self._send(data)
 
     def write_sequence(self, chunks: list[bytes]) -> None:
         """Send several replies at once (reactor thread only)."""
-        if self._send_now is None:
+        if self._collecting:
+            for chunk in chunks:
+                self.write(chunk)
+        elif self._send_now is None:
             self.stats.bytes_written += sum(map(len, chunks))
             self.transport.writeSequence(chunks)
         else:
             self.write(b"".join(chunks))
+
+    def _send(self, data: bytes) -> None:
+        if self._send_now is None or not self._send_now(data):
+            self.transport.write(data)
+
+    def _flush_output(self) -> None:
+        if self._output:
+            output = self._output
+            self._output = []
+            self._output_bytes = 0
+            self._send(output[0] if len(output) == 1 else b"".join(output))
 
     def close(self) -> None:
         """
@@ -235,6 +275,7 @@ class Connection(protocol.Protocol):
         """
         if self.closing:
             return
+        self._flush_output()
         self.closing = True
         if self.stream is not None:
             self.stream.cancel()
@@ -278,6 +319,8 @@ class Connection(protocol.Protocol):
             return False
         self.stats.streams_started += 1
         self.stats.streams_running += 1
+        # Replies to earlier requests go out before the stream's output.
+        self._flush_output()
         stream = Stream(
             job,
             reactor=factory.reactor,
@@ -300,6 +343,11 @@ class Connection(protocol.Protocol):
         if self.stream is stream:
             self.stream = None
         if isinstance(result, Failure):
+            # A job that keeps state beyond the stream (a resumable scan's
+            # busy mark) learns that it will get no more after_step calls.
+            release = getattr(stream.job, "release", None)
+            if release is not None:
+                release()
             if result.check(StreamStalled):
                 self.stats.streams_stalled += 1
                 self.log.warn(
