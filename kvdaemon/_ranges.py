@@ -314,7 +314,8 @@ def format_mgdump_line(key: bytes, item: Item) -> bytes:
     memcached writes a key stored as binary (meta ``b`` flag) in base64
     followed by `` b``.  kvdaemon does so for a key containing a space,
     a control character or DEL (possible through the binary protocol),
-    which would break the line otherwise.
+    which would break the line otherwise.  A printable key stored with
+    the ``b`` flag is written as it is.
     """
     if _needs_base64(key):
         return b"mg %s b\r\n" % base64.b64encode(key)
@@ -411,9 +412,9 @@ class RangeCommands:
         self._start(job, log_deleted)
 
     def lru_crawler(self, parts: list[bytes]) -> None:
-        # memcached answers ERROR to every other lru_crawler form,
-        # including the ones that steer its LRU crawler thread, which
-        # kvdaemon does not have.
+        # kvdaemon has no LRU crawler thread, so the forms that steer one
+        # (crawl, tocrawl, sleep, enable, disable) get the ERROR that
+        # memcached sends for an unknown form.
         if len(parts) != 3 or parts[1] not in (b"metadump", b"mgdump"):
             raise ProtocolError(ERROR)
         dump = parts[1]

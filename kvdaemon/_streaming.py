@@ -50,8 +50,8 @@ STEPPING
     next ``write``; a step that starts while the stream is paused returns
     at once without producing anything.
 WAITING
-    The stream holds no thread and no pool work item, only the job's
-    cursor.  It waits for ``resume()``, and a stall timer runs.
+    The stream uses no thread and no pool work item.  Only the job's
+    cursor remains.  It waits for ``resume()``, and a stall timer runs.
 DONE
     Everything the job produced, including the final bytes from
     ``after_step``, went to the transport, and the Deferred from
@@ -112,7 +112,7 @@ class StreamJob(Protocol):
         """
 
 
-#: What a step returns when it started while the stream was paused.
+#: The result of a step that started while the stream was paused.
 _SKIPPED = object()
 
 
