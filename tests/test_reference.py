@@ -14,6 +14,7 @@ The differences kvdaemon keeps on purpose are pinned in
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -213,6 +214,62 @@ STATS_SEQUENCE = b"".join(
 )
 
 
+def generated_pipeline(rng: random.Random) -> bytes:
+    """
+    Return a pipeline of random classic requests, errors included, that
+    avoids the constructs in :class:`KnownDifferenceTests`.
+
+    Every data block is at least as long as its request line says, so no
+    request waits for bytes that never come.
+    """
+    keys = [b"a", b"b", b"n", KEY_250, b"\xff"]
+    flags = [b"0", b"5", b"4294967295", b"-1", b"x", b"+3"]
+    exptimes = [b"0", b"100", b"-1", b"2592001", b"2147483647", b"x"]
+    values = [b"", b"1", b"99", b"100", b" 7", b"-5", b"18446744073709551615", b"abc", b"x\r\ny"]
+    numbers = [b"0", b"1", b"10", b"-1", b"+2", b"x", b"18446744073709551615", b"18446744073709551616"]
+    requests = []
+    for _ in range(rng.randint(1, 10)):
+        kind = rng.randrange(12)
+        noreply = rng.choice([b"", b"", b" noreply", b" extra"])
+        if kind < 4:
+            command = rng.choice([b"set", b"add", b"replace", b"append", b"prepend", b"cas"])
+            value = rng.choice(values)
+            length = len(value) - rng.choice([0, 0, 0, 1]) if value else 0
+            line = b"%s %s %s %s %d" % (command, rng.choice(keys + [KEY_251]), rng.choice(flags), rng.choice(exptimes), length)
+            if command == b"cas":
+                line += b" 999999999"
+            requests.append(line + noreply + b"\r\n" + value + b"\r\n")
+        elif kind < 6:
+            command = rng.choice([b"get", b"gets", b"gat 10", b"gats -1", b"gat x"])
+            requests.append(command + b" " + b" ".join(rng.choice(keys) for _ in range(rng.randint(0, 3))) + b"\r\n")
+        elif kind < 8:
+            command = rng.choice([b"incr", b"decr"])
+            requests.append(b"%s %s %s%s\r\n" % (command, rng.choice(keys + [KEY_251]), rng.choice(numbers), noreply))
+        elif kind == 8:
+            form = rng.choice([b"", b" 0", b" 1", b" noreply", b" 0 noreply", b" x y"])
+            requests.append(b"delete " + rng.choice(keys + [KEY_251]) + form + b"\r\n")
+        elif kind == 9:
+            requests.append(b"touch %s %s%s\r\n" % (rng.choice(keys), rng.choice(exptimes), noreply))
+        else:
+            requests.append(
+                rng.choice(
+                    [
+                        b"flush_all\r\n",
+                        b"flush_all 0\r\n",
+                        b"flush_all -1 noreply\r\n",
+                        b"flush_all x\r\n",
+                        b"verbosity 1\r\n",
+                        b"verbosity x noreply\r\n",
+                        b"version\r\n",
+                        b"bogus a b\r\n",
+                        b"\r\n",
+                        b"get\n",
+                    ]
+                )
+            )
+    return b"".join(requests)
+
+
 def read_replies(connection: socket.socket, terminator: bytes) -> bytes:
     """Read until the received bytes end with ``terminator``; return them without it."""
     received = b""
@@ -359,6 +416,15 @@ class TextReferenceTests(ReferenceTestCase):
         self.compare([name for name, _ in CORPUS], reference, ours)
 
     @defer.inlineCallbacks
+    def test_generated_pipelines_match_memcached(self):
+        rng = random.Random(20261204)
+        pipelines = [generated_pipeline(rng) for _ in range(200)]
+        corpus = [("generated pipeline %d: %r" % (number, pipeline[:300]), pipeline) for number, pipeline in enumerate(pipelines)]
+        reference = yield threads.deferToThread(run_corpus, self.memcached.port, corpus)
+        ours = yield threads.deferToThread(run_corpus, self.port, corpus)
+        self.compare([name for name, _ in corpus], reference, ours)
+
+    @defer.inlineCallbacks
     def test_closing_requests_match_memcached(self):
         reference = yield threads.deferToThread(run_closing_corpus, self.memcached.port)
         ours = yield threads.deferToThread(run_closing_corpus, self.port)
@@ -465,3 +531,12 @@ class KnownDifferenceTests(ReferenceTestCase):
         ours = yield threads.deferToThread(exchange_until_close, self.port, request)
         self.assertEqual(reference, (b"", True))
         self.assertEqual(ours, (b"STORED\r\n", True))
+
+    @defer.inlineCallbacks
+    def test_delayed_flush_keeps_earlier_flush(self):
+        # memcached forgets an immediate flush_all when a delayed one
+        # follows, so items it had not yet reclaimed come back; kvdaemon
+        # removes items at the immediate flush_all.
+        reference, ours = yield self.replies(b"set a 0 0 1\r\nx\r\nflush_all\r\nflush_all 100\r\nget a\r\n")
+        self.assertEqual(reference, b"OK\r\nSTORED\r\nOK\r\nOK\r\nVALUE a 0 1\r\nx\r\nEND\r\n")
+        self.assertEqual(ours, b"OK\r\nSTORED\r\nOK\r\nOK\r\nEND\r\n")

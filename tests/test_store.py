@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -662,3 +663,164 @@ class ScanTests(SynchronousTestCase):
         for seen in scans:
             self.assertEqual(seen, sorted(set(seen)))
             self.assertEqual([key for key in seen if int(key[1:]) % 2 == 0], stable)
+
+
+class ModelItem:
+    """The model's view of one item."""
+
+    def __init__(self, value: bytes, flags: int, expires: int, cas: int) -> None:
+        self.value = value
+        self.flags = flags
+        self.expires = expires
+        self.cas = cas
+
+
+class StoreModel:
+    """
+    A plain-dict model of the store's documented rules, without eviction,
+    to check :class:`Store` against.
+    """
+
+    def __init__(self, max_item_size: int) -> None:
+        self.max_item_size = max_item_size
+        self.items: dict[bytes, ModelItem] = {}
+        self.next_cas = 1
+        self.now = NOW
+
+    def fits(self, key: bytes, value: bytes, flags: int) -> bool:
+        return len(key) + len(value) + 59 + (4 if flags else 0) <= self.max_item_size
+
+    def live(self, key: bytes) -> ModelItem | None:
+        item = self.items.get(key)
+        if item is not None and item.expires and item.expires <= self.now:
+            del self.items[key]
+            return None
+        return item
+
+    def take_cas(self) -> int:
+        self.next_cas += 1
+        return self.next_cas - 1
+
+    def store(self, mode: str, key: bytes, value: bytes, flags: int, exptime: int, cas: int) -> tuple[str, int]:
+        if not self.fits(key, value, flags):
+            if mode == "set":
+                self.items.pop(key, None)
+            return StoreResult.TOO_LARGE, 0
+        old = self.live(key)
+        if mode == "add" and old is not None:
+            return StoreResult.NOT_STORED, 0
+        if mode in ("replace", "append", "prepend") and old is None:
+            return StoreResult.NOT_STORED, 0
+        if mode == "cas":
+            if old is None:
+                return StoreResult.NOT_FOUND, 0
+            if old.cas != cas:
+                return StoreResult.EXISTS, 0
+        if mode in ("append", "prepend"):
+            value = old.value + value if mode == "append" else value + old.value
+            if not self.fits(key, value, old.flags):
+                return StoreResult.NOT_STORED, 0
+            flags, expires = old.flags, old.expires
+        else:
+            expires = absolute_expiry(exptime, self.now)
+            if expires < 0:
+                self.items.pop(key, None)
+                return StoreResult.STORED, self.take_cas()
+        new_cas = self.take_cas()
+        self.items[key] = ModelItem(value, flags, expires, new_cas)
+        return StoreResult.STORED, new_cas
+
+    def incr(self, key: bytes, delta: int, incr: bool) -> tuple[str, int]:
+        item = self.live(key)
+        if item is None:
+            return StoreResult.NOT_FOUND, 0
+        current = parse_counter(item.value)
+        if current is None:
+            return StoreResult.NON_NUMERIC, 0
+        current = (current + delta) % 2**64 if incr else max(current - delta, 0)
+        digits = b"%d" % current
+        item.value = digits.ljust(len(item.value)) if len(digits) <= len(item.value) else digits
+        item.cas = self.take_cas()
+        return StoreResult.STORED, current
+
+    def touch(self, key: bytes, exptime: int) -> bool:
+        item = self.live(key)
+        if item is None:
+            return False
+        expires = absolute_expiry(exptime, self.now)
+        if expires < 0:
+            del self.items[key]
+        else:
+            item.expires = expires
+        return True
+
+
+_MODEL_KEYS = st.sampled_from([b"a", b"\xff"])
+_MODEL_VALUES = st.sampled_from([b"", b"0", b"7", b"99", b"100", b" 5", b"abc", b"x" * 60, b"18446744073709551615"])
+_MODEL_EXPTIMES = st.sampled_from([0, 1, 5, -1, NOW + 3, NOW - 3, MAX_RELATIVE_EXPIRY + 1])
+_MODEL_OPERATIONS = st.one_of(
+    st.tuples(
+        st.sampled_from(["set", "add", "replace", "append", "prepend", "cas"]),
+        _MODEL_KEYS,
+        _MODEL_VALUES,
+        st.sampled_from([0, 1, 2**32 - 1]),
+        _MODEL_EXPTIMES,
+        st.booleans(),
+    ),
+    st.tuples(st.just("incr"), _MODEL_KEYS, st.sampled_from([0, 1, 5, 2**64 - 1]), st.booleans()),
+    st.tuples(st.just("delete"), _MODEL_KEYS),
+    st.tuples(st.just("touch"), _MODEL_KEYS, _MODEL_EXPTIMES),
+    st.tuples(st.just("get"), _MODEL_KEYS),
+    st.tuples(st.just("advance"), st.integers(0, 4)),
+    st.tuples(st.just("flush")),
+)
+
+
+class StoreModelTests(SynchronousTestCase):
+    """Random operation sequences: the store agrees with a plain-dict model."""
+
+    @hypothesis_settings(max_examples=500, deadline=None)
+    @given(st.lists(_MODEL_OPERATIONS, max_size=40))
+    def test_store_matches_model(self, operations) -> None:
+        store, clock = make_store(max_item_size=200)
+        model = StoreModel(max_item_size=200)
+        for operation in operations:
+            name = operation[0]
+            if name == "advance":
+                clock.advance(operation[1])
+                model.now += operation[1]
+            elif name == "flush":
+                store.flush()
+                model.items.clear()
+            elif name == "get":
+                item = store.get(operation[1])
+                expected = model.live(operation[1])
+                if expected is None:
+                    self.assertIsNone(item, operation)
+                else:
+                    self.assertEqual(
+                        (item.value, item.flags, item.exptime, item.cas),
+                        (expected.value, expected.flags, expected.expires, expected.cas),
+                        operation,
+                    )
+            elif name == "delete":
+                expected = StoreResult.STORED if model.live(operation[1]) is not None else StoreResult.NOT_FOUND
+                model.items.pop(operation[1], None)
+                self.assertEqual(store.delete(operation[1]), expected, operation)
+            elif name == "incr":
+                _, key, delta, incr = operation
+                self.assertEqual(store.incr(key, delta, incr)[:2], model.incr(key, delta, incr), operation)
+            elif name == "touch":
+                _, key, exptime = operation
+                self.assertEqual(store.touch(key, exptime) is not None, model.touch(key, exptime), operation)
+            else:
+                mode, key, value, flags, exptime, use_current_cas = operation
+                current = model.live(key)
+                cas = current.cas if use_current_cas and current is not None else 10**9
+                result = store.store(mode, key, value, flags, exptime, cas)
+                self.assertEqual(result, model.store(mode, key, value, flags, exptime, cas), operation)
+            live = {key: item for key, item in model.items.items() if not item.expires or item.expires > model.now}
+            scanned = store.scan(None, None)
+            self.assertEqual([key for key, _ in scanned], sorted(live))
+            for key, item in scanned:
+                self.assertEqual((item.value, item.flags, item.cas), (live[key].value, live[key].flags, live[key].cas))
