@@ -33,9 +33,9 @@ MAX_RELATIVE_EXPIRY = 60 * 60 * 24 * 30
 #: number of items here as in memcached.
 ITEM_OVERHEAD = 48
 
-#: What memcached 1.6 adds to key and value when it checks an item against
-#: the item size limit: a 48-byte header, an 8-byte CAS, the key's NUL and
-#: the value's CRLF.  Non-zero flags take ``_FLAGS_SIZE`` more.
+#: Bytes memcached 1.6 counts on top of key and value when it checks an
+#: item against the item size limit: a 48-byte header, an 8-byte CAS, the
+#: key's NUL and the value's CRLF.  Non-zero flags add ``_FLAGS_SIZE``.
 _LIMIT_OVERHEAD = 48 + 8 + 1 + 2
 _FLAGS_SIZE = 4
 
