@@ -35,9 +35,11 @@ if TYPE_CHECKING:
 #: Items one :meth:`Store.scan` call copies while it holds the store lock.
 BATCH_ITEMS = 256
 
-#: Bytes of keys and values one ``rdelete`` batch copies (it needs only
-#: the keys, but :meth:`Store.scan` returns whole items).
-DELETE_BATCH_BYTES = 256 * 1024
+#: Bytes of keys and values one :meth:`Store.scan` call copies at most
+#: (plus one item), whatever the spool cap, so that the store lock is
+#: held briefly.  ``rdelete`` needs only the keys, but the scan copies
+#: whole items.
+BATCH_BYTES = 256 * 1024
 
 #: Items one ``rdelete`` step collects before the reactor thread deletes
 #: them, so that a step holds the store lock in short pieces and returns
@@ -180,7 +182,7 @@ class RangeReadJob:
         while looked_at < READ_STEP_ITEMS:
             if cursor.limit_reached:
                 return True
-            batch = cursor.next_batch(BATCH_ITEMS, spool.remaining)
+            batch = cursor.next_batch(BATCH_ITEMS, min(spool.remaining, BATCH_BYTES))
             if not batch:
                 return True
             for key, item in batch:
@@ -234,7 +236,7 @@ class RangeDeleteJob:
         while len(keys) < DELETE_STEP_ITEMS:
             if cursor.limit_reached or spool.cancelled:
                 return keys, True
-            batch = cursor.next_batch(min(BATCH_ITEMS, DELETE_STEP_ITEMS - len(keys)), DELETE_BATCH_BYTES)
+            batch = cursor.next_batch(min(BATCH_ITEMS, DELETE_STEP_ITEMS - len(keys)), BATCH_BYTES)
             if not batch:
                 return keys, True
             for key, _ in batch:

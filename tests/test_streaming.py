@@ -441,7 +441,7 @@ class StreamCancelTests(SynchronousTestCase):
 
 
 class ConnectionHarness:
-    """A factory with a fake pool and reactor, and one connection on a StringTransport."""
+    """A factory with a fake pool and reactor, and connections to it on StringTransports."""
 
     def __init__(self, **settings: Any) -> None:
         self.reactor = FakeReactor()
@@ -663,3 +663,22 @@ class ConnectionStreamTests(SynchronousTestCase):
         self.assertEqual(stats.streams_started, 1)
         self.assertEqual(stats.stream_bytes, len(transport.value()))
         self.assertGreater(stats.stream_reactor_hops, 0)
+
+    def test_pipelined_input_bound_pauses_reading(self) -> None:
+        harness = ConnectionHarness(stream_buffer=4096, max_pending_input=10000)
+        harness.fill(100, 100)
+        protocol, transport = harness.connect()
+        protocol.dataReceived(b"rget 1 1 0 key\r\n")
+
+        # A client that pipelines while the stream runs: the connection
+        # stops reading once more than max_pending_input bytes wait.
+        for _ in range(4):
+            protocol.dataReceived(b"version\r\n" * 250)
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"version\r\n" * 250)
+        self.assertEqual(transport.producerState, "paused")
+
+        harness.run_all()
+
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(transport.value().count(b"VERSION 1.6.18\r\n"), 250 * 5)
