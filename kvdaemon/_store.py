@@ -403,11 +403,15 @@ class Store:
         """
         Invalidate every item stored up to now, or up to ``delay`` seconds
         from now, as ``flush_all`` does.
+
+        ``delay`` is read like an expiry time: above 30 days it is an
+        absolute Unix time, and one already past flushes now.
         """
         now = self.clock()
+        flush_at = absolute_expiry(delay, now) if delay > 0 else -1
         with self.lock:
-            if delay > 0:
-                self.flushed_before = absolute_expiry(delay, now) - 1
+            if flush_at > 0:
+                self.flushed_before = flush_at - 1
                 return
             self._records.clear()
             self._keys.clear()

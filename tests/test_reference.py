@@ -133,6 +133,8 @@ CORPUS: list[tuple[str, bytes]] = [
     ("flush_all errors", b"flush_all abc\r\nflush_all 1 2\r\nflush_all 1 2 3\r\nflush_all 0 x\r\nflush_all x noreply\r\n"),
     ("flush_all delayed", b"set a 0 0 1\r\nx\r\nflush_all 100\r\nget a\r\n"),
     ("flush_all clears", b"set a 0 0 1\r\nx\r\nflush_all\r\nget a\r\n"),
+    ("flush_all absolute past", b"set a 0 0 1\r\nx\r\nflush_all %d\r\nget a\r\n" % (time.time() - 5)),
+    ("flush_all absolute future", b"set a 0 0 1\r\nx\r\nflush_all %d\r\nget a\r\n" % (time.time() + 100)),
     ("flush_all noreply extra", b"set a 0 0 1\r\nx\r\nflush_all noreply x\r\nget a\r\n"),
     ("verbosity", b"verbosity\r\nverbosity 1\r\nverbosity 1 noreply\r\nverbosity noreply\r\nverbosity abc\r\nverbosity 1 2 3\r\n"),
     ("verbosity numbers", b"verbosity 5\r\nverbosity -1\r\nverbosity +1\r\nverbosity 1 x\r\nverbosity 0\r\n"),
@@ -540,3 +542,12 @@ class KnownDifferenceTests(ReferenceTestCase):
         reference, ours = yield self.replies(b"set a 0 0 1\r\nx\r\nflush_all\r\nflush_all 100\r\nget a\r\n")
         self.assertEqual(reference, b"OK\r\nSTORED\r\nOK\r\nOK\r\nVALUE a 0 1\r\nx\r\nEND\r\n")
         self.assertEqual(ours, b"OK\r\nSTORED\r\nOK\r\nOK\r\nEND\r\n")
+
+    @defer.inlineCallbacks
+    def test_flush_time_before_start_flushes(self):
+        # memcached ignores a flush_all time before its own start (here
+        # 1970-01-31) and flushes at once for a later time already past.
+        # kvdaemon flushes at once for any time already past.
+        reference, ours = yield self.replies(b"set a 0 0 1\r\nx\r\nflush_all 2592001\r\nget a\r\n")
+        self.assertEqual(reference, b"OK\r\nSTORED\r\nOK\r\nVALUE a 0 1\r\nx\r\nEND\r\n")
+        self.assertEqual(ours, b"OK\r\nSTORED\r\nOK\r\nEND\r\n")

@@ -393,6 +393,20 @@ class FlushTests(SynchronousTestCase):
         self.store.store("set", b"new", b"v", 0, 0)
         self.assertIsNotNone(self.store.get(b"new"))
 
+    def test_flush_absolute_time(self) -> None:
+        self.store.store("set", b"k", b"v", 0, 0)
+        self.store.flush(NOW + 10)
+        self.clock.advance(8)
+        self.assertIsNotNone(self.store.get(b"k", bump=False))
+        self.clock.advance(1)
+        self.assertIsNone(self.store.get(b"k"))
+
+    def test_flush_absolute_past_flushes_now(self) -> None:
+        self.store.store("set", b"k", b"v", 0, 0)
+        self.store.flush(NOW - 10)
+        self.assertEqual(len(self.store), 0)
+        self.assertIsNone(self.store.get(b"k"))
+
     def test_flush_now_cancels_delayed(self) -> None:
         self.store.flush(10)
         self.store.flush(0)
