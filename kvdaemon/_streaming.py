@@ -29,6 +29,13 @@ Reactor thread, in the hand-off:
     has ended, it runs ``job.after_step`` and decides whether to start
     another step.
 
+Steps are not run with ``deferToThreadPool``: it hands each step's result
+back with a ``callFromThread`` of its own, so a step ending while a
+hand-off is queued would leave two calls pending for one stream.  The
+stream uses the call ``deferToThreadPool`` is built on,
+``ThreadPool.callInThreadWithCallback``, on the service's own pool, and
+folds the step's result into the pending hand-off.
+
 States
 ======
 
