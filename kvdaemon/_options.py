@@ -88,6 +88,12 @@ class Options(usage.Options):
         ["sasl-file", None, None, "Require SASL PLAIN authentication; the file has one user:password per line."],
     ]
     optFlags = [
+        [
+            "benchmark-unbounded-spool",
+            None,
+            "For benchmarks only: turn off the --stream-buffer cap and backpressure, so a client that stops"
+            " reading makes the server buffer its whole reply in memory.",
+        ],
         ["disable-flush", None, "Reject flush_all and range deletes, the commands that destroy data in bulk."],
     ]
 
@@ -108,7 +114,11 @@ class Options(usage.Options):
             max_item_size=_bounded("max-item-size", self["max-item-size"], 1024, 128 * MiB, "bytes"),
             max_connections=_bounded("max-connections", self["max-connections"], 1, 1000000, "connections"),
             threads=_bounded("threads", self["threads"], 1, 256, "threads"),
-            stream_buffer=_bounded("stream-buffer", self["stream-buffer"], 4096, 64 * MiB, "bytes"),
+            stream_buffer=(
+                0
+                if self["benchmark-unbounded-spool"]
+                else _bounded("stream-buffer", self["stream-buffer"], 4096, 64 * MiB, "bytes")
+            ),
             stall_timeout=_bounded("stall-timeout", self["stall-timeout"], 0.1, 86400, "seconds", float),
             max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
             max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),

@@ -28,7 +28,9 @@ class Settings:
     #: Worker threads for streaming jobs.
     threads: int = 4
     #: Bytes a streaming job may hold per connection before the reactor
-    #: has written them (the spool cap).
+    #: has written them (the spool cap).  0 turns the cap and the streams'
+    #: backpressure off, which only benchmarks do, to show what the cap
+    #: prevents.
     stream_buffer: int = 256 * 1024
     #: A stream paused by a client that stopped reading for this long is
     #: cancelled and its connection closed.

@@ -87,6 +87,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 
+#: Bytes handed over at a time when the spool cap is off.
+UNBOUNDED_HANDOFF_BYTES = 128 * 1024
+
+
 class StreamStalled(Exception):
     """The client read nothing for longer than the stall timeout."""
 
@@ -141,7 +145,10 @@ class Spool:
     @property
     def remaining(self) -> int:
         """Bytes the current step may still produce before ``write`` ends it (at least 1)."""
-        return max(self._stream.spool_limit - self._stream._step_bytes, 1)
+        stream = self._stream
+        if not stream.bounded:
+            return UNBOUNDED_HANDOFF_BYTES
+        return max(stream.spool_limit - stream._step_bytes, 1)
 
     @property
     def cancelled(self) -> bool:
@@ -159,7 +166,10 @@ class Stream:
         ``ThreadPool.callInThreadWithCallback``.
     :param write_sequence: sends a list of byte strings to the transport.
     :param spool_limit: the spool cap in bytes; a step ends once it has
-        produced this many bytes.
+        produced this many bytes.  0 turns the cap and backpressure off
+        (the benchmarks' contrast case only): steps then never end early
+        and pauses are ignored, so a stalled client's reply piles up in
+        memory.
     :param stall_timeout: seconds the stream may stay paused before it is
         cancelled with :class:`StreamStalled`; 0 disables the timer.
     :param paused: whether the transport is paused when the stream starts.
@@ -181,7 +191,8 @@ class Stream:
         self._threadpool = threadpool
         self._write_sequence = write_sequence
         self.spool_limit = spool_limit
-        self._handoff_size = max(spool_limit // 2, 1)
+        self.bounded = spool_limit > 0
+        self._handoff_size = max(spool_limit // 2, 1) if self.bounded else UNBOUNDED_HANDOFF_BYTES
         self._stall_timeout = stall_timeout
         self._spool = Spool(self)
 
@@ -224,7 +235,7 @@ class Stream:
 
     def pause(self) -> None:
         """Stop producing after the current write (idempotent)."""
-        if self.paused or self._finished():
+        if self.paused or self._finished() or not self.bounded:
             return
         self.paused = True
         self._arm_stall_timer()
@@ -351,7 +362,7 @@ class Stream:
         if self.cancelled:
             return False
         self._step_bytes += len(chunk)
-        go_on = not self.paused and self._step_bytes < self.spool_limit
+        go_on = not self.bounded or (not self.paused and self._step_bytes < self.spool_limit)
         with self._lock:
             self._chunks.append(chunk)
             self._spooled_bytes += len(chunk)

@@ -682,3 +682,28 @@ class ConnectionStreamTests(SynchronousTestCase):
 
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(transport.value().count(b"VERSION 1.6.18\r\n"), 250 * 5)
+
+
+class UnboundedStreamTests(SynchronousTestCase):
+    """A spool limit of 0, the benchmarks' contrast case, turns the cap and backpressure off."""
+
+    def test_unbounded_step_runs_to_the_end(self) -> None:
+        job = ListJob(make_chunks(50, 100))
+        harness = StreamHarness(job, spool_limit=0)
+
+        harness.pool.run_next()
+
+        self.assertEqual(job.position, 50)
+        self.assertEqual(job.steps, 1)
+
+    def test_unbounded_stream_ignores_pause(self) -> None:
+        chunks = make_chunks(50, 100)
+        job = ListJob(chunks)
+        harness = StreamHarness(job, spool_limit=0)
+
+        harness.stream.pause()
+        harness.run_all()
+
+        self.assertFalse(harness.stream.paused)
+        self.assertEqual(harness.sent, b"".join(chunks) + b"END\r\n")
+        self.assertEqual(harness.results, [None])
