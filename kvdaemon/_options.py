@@ -6,6 +6,7 @@ service it builds.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.python import usage
@@ -85,6 +86,13 @@ class Options(usage.Options):
         ["max-streams", None, "256", "Range operations running at once across all connections (1 to 100000)."],
         ["max-scans", None, "64", "Open resumable range scans (binary protocol) at once (1 to 100000)."],
         ["scan-lifetime", None, "60", "Seconds an idle resumable range scan is kept (1 to 86400)."],
+        [
+            "switch-interval",
+            None,
+            "0.5",
+            "Milliseconds a worker thread may hold Python's interpreter lock while the reactor thread waits"
+            " for it; Python's own default is 5 (0.05 to 100).",
+        ],
         ["sasl-file", None, None, "Require SASL PLAIN authentication; the file has one user:password per line."],
     ]
     optFlags = [
@@ -126,6 +134,7 @@ class Options(usage.Options):
             allow_destructive=not self["disable-flush"],
             sasl_users=sasl_users,
         )
+        self["switch-interval"] = _bounded("switch-interval", self["switch-interval"], 0.05, 100, "milliseconds", float)
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet.endpoints import serverFromString
@@ -141,5 +150,12 @@ class Options(usage.Options):
 
 
 def make_service(options: Options) -> KVDaemonService:
-    """Build the service that ``twistd kvdaemon`` runs."""
+    """
+    Build the service that ``twistd kvdaemon`` runs, and set the
+    interpreter's thread switch interval.
+
+    The switch interval is process-wide, so only the daemon sets it; a
+    program that embeds :class:`KVDaemonService` keeps its own.
+    """
+    sys.setswitchinterval(options["switch-interval"] / 1000.0)
     return KVDaemonService(options["settings"], options["listen"])

@@ -19,8 +19,9 @@ binary protocol builds the same jobs with formatters that frame packets.
 from __future__ import annotations
 
 import base64
+import bisect
+import string
 from typing import TYPE_CHECKING, Callable
-from urllib.parse import quote_from_bytes
 
 import attrs
 from twisted.logger import Logger
@@ -75,6 +76,10 @@ def _build_slab_classes() -> None:
 
 
 _build_slab_classes()
+
+#: The bytes metadump leaves unencoded in keys (as urllib's quote does).
+_URL_SAFE_BYTES = (string.ascii_letters + string.digits + "-._~").encode("ascii")
+_URL_ESCAPES = {byte: "%%%02X" % byte for byte in range(256) if byte not in _URL_SAFE_BYTES}
 
 #: memcached accepts class ids 1 to 63 in ``lru_crawler metadump 1,2,...``.
 _MAX_CLASS_ID = 63
@@ -153,6 +158,12 @@ class RangeCursor:
         self._last_key = key
         self._started = True
 
+    def advance(self, last_key: bytes, taken: int) -> None:
+        """Move past a whole batch ending at ``last_key``, of which ``taken`` items count."""
+        self._last_key = last_key
+        self._started = True
+        self.taken += taken
+
 
 class RangeReadJob:
     """
@@ -185,17 +196,29 @@ class RangeReadJob:
             batch = cursor.next_batch(BATCH_ITEMS, min(spool.remaining, BATCH_BYTES))
             if not batch:
                 return True
+            # The formatted items go to the spool as one chunk: one spool
+            # write (and lock) per batch instead of one per item.  The batch
+            # stops once it holds the bytes the step may still send, so a
+            # step still ends within one item of the spool cap, and at a
+            # pause or cancellation the batch stops at the next item.
+            # next_batch already stopped the batch at max_items.
+            format_item = self._format_item
+            budget = spool.remaining
+            chunks = []
+            produced = 0
             for key, item in batch:
                 looked_at += 1
-                chunk = self._format_item(key, item)
+                last_key = key
+                chunk = format_item(key, item)
                 if chunk is None:
-                    cursor.skip(key)
                     continue
-                cursor.take(key)
-                if not spool.write(chunk):
-                    return cursor.limit_reached
-                if cursor.limit_reached:
-                    return True
+                chunks.append(chunk)
+                produced += len(chunk)
+                if produced >= budget or spool.stopping:
+                    break
+            cursor.advance(last_key, len(chunks))
+            if chunks and not spool.write(b"".join(chunks)):
+                return cursor.limit_reached
         return False
 
     def after_step(self, done: bool) -> bytes | None:
@@ -280,10 +303,21 @@ def memcached_item_size(key: bytes, item: Item) -> int:
 
 def slab_class(size: int) -> int:
     """Return the memcached slab class id for an item of ``size`` bytes (items too big for any class: the largest)."""
-    for class_id, chunk_size in enumerate(_SLAB_CHUNK_SIZES, 1):
-        if size <= chunk_size:
-            return class_id
-    return len(_SLAB_CHUNK_SIZES)
+    return min(bisect.bisect_left(_SLAB_CHUNK_SIZES, size) + 1, len(_SLAB_CHUNK_SIZES))
+
+
+#: Slab class ids by item size for small items, so that metadump skips the
+#: bisection for most items.
+_CLASS_BY_SIZE = [slab_class(size) for size in range(4096)]
+
+
+def url_encode_key(key: bytes) -> bytes:
+    """Percent-encode ``key`` as metadump does, leaving letters, digits and ``-._~``."""
+    if not key.translate(None, _URL_SAFE_BYTES):
+        return key
+    # str.translate maps each byte to its escape in C; quote_from_bytes
+    # would loop in Python.
+    return key.decode("latin-1").translate(_URL_ESCAPES).encode("ascii")
 
 
 def format_metadump_line(key: bytes, item: Item) -> bytes:
@@ -293,14 +327,18 @@ def format_metadump_line(key: bytes, item: Item) -> bytes:
     The key is percent-encoded except for letters, digits and ``-._~``;
     ``exp`` is -1 for items that never expire, else a Unix time.
     """
-    size = memcached_item_size(key, item)
+    # memcached_item_size and slab_class, inlined: this runs for every key.
+    size = 59 + len(key) + len(item.value) + (4 if item.flags else 0)
+    class_id = _CLASS_BY_SIZE[size] if size < len(_CLASS_BY_SIZE) else slab_class(size)
+    if key.translate(None, _URL_SAFE_BYTES):
+        key = url_encode_key(key)
     return b"key=%s exp=%d la=%d cas=%d fetch=%s cls=%d size=%d\n" % (
-        quote_from_bytes(key, safe="").encode("ascii"),
+        key,
         item.exptime or -1,
         item.last_access,
         item.cas,
         b"yes" if item.fetched else b"no",
-        slab_class(size),
+        class_id,
         size,
     )
 

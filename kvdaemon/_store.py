@@ -512,18 +512,26 @@ class Store:
         now = self.clock()
         batch = []
         size = 0
+        unpack = _HEADER.unpack_from
         with self.lock:
             keys: Iterator[bytes] = self._keys.irange(start, end, inclusive)
             records = self._records
+            flushed_before = self.flushed_before if self.flushed_before and self.flushed_before <= now else None
+            # The liveness test of _is_live and the decoding of _decode,
+            # inlined: this loop runs for every item a range operation sends.
             for key in keys:
                 record = records[key]
-                if not self._is_live(record, now):
+                flags, exptime, cas, last_access, fetched = unpack(record)
+                if exptime and exptime <= now:
                     continue
-                batch.append((key, _decode(record)))
+                if flushed_before is not None and last_access <= flushed_before:
+                    continue
+                value = record[_HEADER_SIZE:]
+                batch.append((key, Item(value, flags, exptime, cas, last_access, bool(fetched))))
                 if len(batch) == limit:
                     break
                 if max_bytes:
-                    size += len(key) + len(record) - _HEADER_SIZE
+                    size += len(key) + len(value)
                     if size >= max_bytes:
                         break
         return batch

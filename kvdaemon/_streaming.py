@@ -151,6 +151,12 @@ class Spool:
         return max(stream.spool_limit - stream._step_bytes, 1)
 
     @property
+    def stopping(self) -> bool:
+        """Whether the next ``write`` will end the step because the stream was paused or cancelled."""
+        stream = self._stream
+        return stream.cancelled or (stream.paused and stream.bounded)
+
+    @property
     def cancelled(self) -> bool:
         """Whether the stream was cancelled; a long step should check it between writes."""
         return self._stream.cancelled

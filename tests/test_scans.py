@@ -784,6 +784,7 @@ class RecordingSpool:
     def __init__(self, on_first_write=None) -> None:
         self.chunks: list[bytes] = []
         self.cancelled = False
+        self.stopping = False
         self.remaining = 1 << 30
         self._on_first_write = on_first_write
 

@@ -1,0 +1,90 @@
+"""
+Tests for kvdaemon._options: the twistd command line, its validation and
+the service and settings it builds.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from kvdaemon import DEFAULT_LISTEN, KVDaemonService, Settings
+from kvdaemon._options import Options, make_service
+from kvdaemon._settings import MiB
+
+
+def parse(*arguments: str) -> Options:
+    options = Options()
+    options.parseOptions(list(arguments))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults_match_settings(self) -> None:
+        options = parse()
+        self.assertEqual(options["settings"], Settings())
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN])
+
+    def test_values_reach_settings(self) -> None:
+        options = parse(
+            "--max-memory", "128",
+            "--max-item-size", "2048",
+            "--max-connections", "10",
+            "--threads", "3",
+            "--stream-buffer", "65536",
+            "--stall-timeout", "2.5",
+            "--max-streams", "7",
+            "--max-scans", "5",
+            "--scan-lifetime", "9",
+            "--disable-flush",
+        )
+        settings = options["settings"]
+        self.assertEqual(settings.max_memory, 128 * MiB)
+        self.assertEqual(settings.max_item_size, 2048)
+        self.assertEqual(settings.max_connections, 10)
+        self.assertEqual(settings.threads, 3)
+        self.assertEqual(settings.stream_buffer, 65536)
+        self.assertEqual(settings.stall_timeout, 2.5)
+        self.assertEqual(settings.max_streams, 7)
+        self.assertEqual(settings.max_scans, 5)
+        self.assertEqual(settings.scan_lifetime, 9.0)
+        self.assertFalse(settings.allow_destructive)
+
+    def test_listen_repeatable(self) -> None:
+        options = parse("--listen", "tcp:1:interface=127.0.0.1", "--listen", "unix:/tmp/kv.sock")
+        self.assertEqual(options["listen"], ["tcp:1:interface=127.0.0.1", "unix:/tmp/kv.sock"])
+
+    def test_invalid_values_name_option_and_range(self) -> None:
+        cases = [
+            ("--max-memory", "0", "--max-memory", "1 to 1048576"),
+            ("--threads", "1000", "--threads", "1 to 256"),
+            ("--stream-buffer", "12", "--stream-buffer", "4096 to"),
+            ("--stall-timeout", "soon", "--stall-timeout", "0.1 to 86400"),
+            ("--switch-interval", "0", "--switch-interval", "0.05 to 100"),
+        ]
+        for option, value, name, allowed in cases:
+            with self.assertRaises(usage.UsageError) as raised:
+                parse(option, value)
+            message = str(raised.exception)
+            self.assertIn(name, message)
+            self.assertIn(allowed, message)
+
+    def test_invalid_endpoint_rejected(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--listen", "bogus:x")
+        self.assertIn("--listen", str(raised.exception))
+
+    def test_benchmark_switch_turns_spool_cap_off(self) -> None:
+        self.assertEqual(parse("--benchmark-unbounded-spool")["settings"].stream_buffer, 0)
+
+    def test_make_service_sets_switch_interval(self) -> None:
+        previous = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, previous)
+
+        service = make_service(parse("--switch-interval", "0.25", "--listen", "tcp:0:interface=127.0.0.1"))
+
+        self.assertIsInstance(service, KVDaemonService)
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.00025)
+        self.assertEqual(service.listen, ["tcp:0:interface=127.0.0.1"])
