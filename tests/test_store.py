@@ -838,3 +838,47 @@ class StoreModelTests(SynchronousTestCase):
             self.assertEqual([key for key, _ in scanned], sorted(live))
             for key, item in scanned:
                 self.assertEqual((item.value, item.flags, item.cas), (live[key].value, live[key].flags, live[key].cas))
+
+
+class BatchEvictionTests(SynchronousTestCase):
+    """A store with a limit of 1 MiB or more evicts in batches, oldest first."""
+
+    def test_large_store_evicts_batch_below_limit(self) -> None:
+        from kvdaemon._store import EVICTION_SLACK_DIVISOR, ITEM_OVERHEAD
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        store = Store(clock.seconds, max_memory=1024 * 1024)
+        value = b"v" * 1000
+        count = 0
+        while store.evictions == 0:
+            store.store("set", b"key%06d" % count, value, 0, 0)
+            count += 1
+
+        item_size = len(b"key000000") + len(value) + ITEM_OVERHEAD
+        slack = store.max_memory // EVICTION_SLACK_DIVISOR
+        self.assertLessEqual(store.bytes_used, store.max_memory - slack)
+        self.assertGreater(store.bytes_used, store.max_memory - slack - item_size)
+        self.assertEqual(store.evictions, (slack + item_size - 1) // item_size + 1)
+        # The oldest keys went first and the newest is kept.
+        for number in range(store.evictions):
+            self.assertIsNone(store.get(b"key%06d" % number), number)
+        self.assertIsNotNone(store.get(b"key%06d" % store.evictions))
+        self.assertIsNotNone(store.get(b"key%06d" % (count - 1)))
+
+    def test_large_store_keeps_recently_used(self) -> None:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        store = Store(clock.seconds, max_memory=1024 * 1024)
+        value = b"v" * 1000
+        for number in range(900):
+            store.store("set", b"key%06d" % number, value, 0, 0)
+        self.assertEqual(store.evictions, 0)
+        self.assertIsNotNone(store.get(b"key000000"))
+
+        for number in range(900, 1100):
+            store.store("set", b"key%06d" % number, value, 0, 0)
+
+        self.assertGreater(store.evictions, 0)
+        self.assertIsNotNone(store.get(b"key000000"))
+        self.assertIsNone(store.get(b"key000001"))
