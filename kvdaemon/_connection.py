@@ -247,8 +247,12 @@ class Connection(protocol.Protocol):
     def write_sequence(self, chunks: list[bytes]) -> None:
         """Send several replies at once (reactor thread only)."""
         if self._collecting:
-            for chunk in chunks:
-                self.write(chunk)
+            size = sum(map(len, chunks))
+            self.stats.bytes_written += size
+            self._output.extend(chunks)
+            self._output_bytes += size
+            if self._output_bytes >= OUTPUT_BATCH_BYTES:
+                self._flush_output()
         elif self._send_now is None:
             self.stats.bytes_written += sum(map(len, chunks))
             self.transport.writeSequence(chunks)

@@ -328,13 +328,11 @@ class TextHandler:
             stats.get_hits += 1
             value = item.value
             if with_cas:
-                out.append(b"VALUE %s %d %d %d\r\n" % (key, item.flags, len(value), item.cas))
+                out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (key, item.flags, len(value), item.cas, value))
             else:
-                out.append(b"VALUE %s %d %d\r\n" % (key, item.flags, len(value)))
-            out.append(value)
-            out.append(b"\r\n")
+                out.append(b"VALUE %s %d %d\r\n%s\r\n" % (key, item.flags, len(value), value))
         out.append(END)
-        self.connection.write_sequence(out)
+        self.connection.write(b"".join(out))
 
     def _touch_and_retrieve(self, parts: list[bytes], with_cas: bool) -> None:
         # "gat <exptime>" with no key is valid and returns only END, and
