@@ -58,7 +58,7 @@ BINARY_REQUEST_MAGIC = 0x80
 
 
 class Handler(TypingProtocol):
-    """What the connection needs from a protocol handler."""
+    """The interface the connection calls on a protocol handler."""
 
     def process(self, buffer: bytes, offset: int) -> int:
         """Execute complete requests in ``buffer`` from ``offset``; return the first unconsumed offset."""

@@ -19,8 +19,8 @@ from twisted.python.threadpool import ThreadPool
 from kvdaemon._factory import KVDaemonFactory
 from kvdaemon._settings import Settings
 
-#: Where the server listens unless told otherwise: loopback only, like a
-#: safely configured memcached.
+#: The default listening endpoint: loopback only, like a safely
+#: configured memcached.
 DEFAULT_LISTEN = "tcp:11211:interface=127.0.0.1"
 
 

@@ -50,8 +50,8 @@ _STORE_REPLIES = {
     StoreResult.TOO_LARGE: TOO_LARGE,
 }
 
-#: What a command handler returns when it needs a data block: the block's
-#: length (without its trailing CRLF) and the function to call with it.
+#: A command handler's request for a data block: the block's length
+#: (without its trailing CRLF) and the function to call with the block.
 DataRequest = tuple[int, Callable[[bytes], None]]
 
 _U32_MAX = 2**32 - 1
