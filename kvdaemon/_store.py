@@ -537,31 +537,32 @@ class Store:
         key returned.
         """
         now = self.clock()
-        batch = []
+        found = []
         size = 0
         unpack = _HEADER.unpack_from
         with self.lock:
             keys: Iterator[bytes] = self._keys.irange(start, end, inclusive)
             records = self._records
             flushed_before = self.flushed_before if self.flushed_before and self.flushed_before <= now else None
-            # The liveness test of _is_live and the decoding of _decode,
-            # inlined: this loop runs for every item a range operation sends.
+            # The liveness test of _is_live, inlined: this loop runs for
+            # every item a range operation sends, while the reactor thread
+            # may be waiting for the lock.  Records are immutable, so they
+            # are decoded after the lock is released.
             for key in keys:
                 record = records[key]
-                flags, exptime, cas, last_access, fetched = unpack(record)
+                _, exptime, _, last_access, _ = unpack(record)
                 if exptime and exptime <= now:
                     continue
                 if flushed_before is not None and last_access <= flushed_before:
                     continue
-                value = record[_HEADER_SIZE:]
-                batch.append((key, Item(value, flags, exptime, cas, last_access, bool(fetched))))
-                if len(batch) == limit:
+                found.append((key, record))
+                if len(found) == limit:
                     break
                 if max_bytes:
-                    size += len(key) + len(value)
+                    size += len(key) + len(record) - _HEADER_SIZE
                     if size >= max_bytes:
                         break
-        return batch
+        return [(key, _decode(record)) for key, record in found]
 
 
 #: A counter as memcached's ``safe_strtoull`` reads it: optional C
