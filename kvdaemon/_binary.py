@@ -650,7 +650,7 @@ class BinaryHandler:
                 self.stats, self.store, self.settings, factory.reactor.seconds(), self.settings.threads
             )
         elif group == b"settings":
-            lines = _stats.settings_stats(self.settings, factory.listen_descriptions, factory.verbosity)
+            lines = _stats.settings_stats(self.settings, factory.listen_descriptions, factory.verbosity, factory.tcp_port)
         elif group == b"reset":
             factory.reset_stats()
             lines = []

@@ -64,6 +64,9 @@ class KVDaemonFactory(protocol.Factory):
         self.streams: set[Stream] = set()
         #: The verbosity level last set by a client's ``verbosity`` command.
         self.verbosity = 0
+        #: The first TCP port the server listens on (0 for none), for
+        #: ``stats settings``.
+        self.tcp_port = 0
         #: Endpoint descriptions this server listens on, for ``stats settings``.
         self.listen_descriptions: list[str] = []
         #: Per-server state that the binary protocol's resumable scans keep.

@@ -93,7 +93,13 @@ class Options(usage.Options):
             "Milliseconds a worker thread may hold Python's interpreter lock while the reactor thread waits"
             " for it; Python's own default is 5 (0.05 to 100).",
         ],
-        ["sasl-file", None, None, "Require SASL PLAIN authentication; the file has one user:password per line."],
+        [
+            "sasl-file",
+            None,
+            None,
+            "Require SASL PLAIN authentication; the file has one user:password per line. As with memcached -S,"
+            " every connection is then read as binary, so text clients get no reply.",
+        ],
     ]
     optFlags = [
         [
@@ -135,6 +141,13 @@ class Options(usage.Options):
             sasl_users=sasl_users,
         )
         self["switch-interval"] = _bounded("switch-interval", self["switch-interval"], 0.05, 100, "milliseconds", float)
+        settings = self["settings"]
+        if settings.max_item_size > settings.max_memory // 2:
+            # memcached refuses the same combination.
+            raise usage.UsageError(
+                "Invalid value %d for --max-item-size: it must be at most half of --max-memory (%d bytes)."
+                % (settings.max_item_size, settings.max_memory // 2)
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet.endpoints import serverFromString

@@ -284,6 +284,11 @@ def format_value(key: bytes, item: Item) -> bytes:
     return b"VALUE %s %d %d\r\n%s\r\n" % (key, item.flags, len(item.value), item.value)
 
 
+def format_nothing(count: int) -> bytes:
+    """Format ``rdelete ... noreply``'s reply: nothing."""
+    return b""
+
+
 def format_deleted(count: int) -> bytes:
     """Format ``rdelete``'s reply: ``DELETED <count>``."""
     return b"DELETED %d\r\n" % count
@@ -430,6 +435,11 @@ class RangeCommands:
         self._start(job)
 
     def rdelete(self, parts: list[bytes]) -> None:
+        # As in memcached's commands, a last token "noreply" silences the
+        # reply, errors included; it is never read as the end key.
+        if len(parts) in (6, 7) and parts[-1] == b"noreply":
+            self.handler.noreply = True
+            parts = parts[:-1]
         if not 5 <= len(parts) <= 6:
             raise ProtocolError(ERROR)
         if not self.handler.settings.allow_destructive:
@@ -439,7 +449,8 @@ class RangeCommands:
             )
             raise ProtocolError(RDELETE_NOT_ALLOWED)
         key_range = self._parse_range(parts)
-        job = RangeDeleteJob(self.handler.store, key_range, format_deleted, self._count_deleted)
+        format_reply = format_nothing if self.handler.noreply else format_deleted
+        job = RangeDeleteJob(self.handler.store, key_range, format_reply, self._count_deleted)
         peer = self.handler.connection.peer
 
         def log_deleted() -> None:

@@ -83,7 +83,7 @@ class KVDaemonService(service.Service):
                 raise
             failures: list[Any] = []
             d = endpoint.listen(self.factory)
-            d.addCallbacks(self.ports.append, failures.append)
+            d.addCallbacks(self._listening, failures.append)
             if failures:
                 self.log.error(
                     "Could not listen on {endpoint}: {error}",
@@ -102,6 +102,13 @@ class KVDaemonService(service.Service):
             max_memory=self.settings.max_memory,
             threads=self.settings.threads,
         )
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.ports.append(port)
+        # UNIX socket addresses have no port.
+        tcp_port = getattr(port.getHost(), "port", None)
+        if not self.factory.tcp_port and isinstance(tcp_port, int):
+            self.factory.tcp_port = tcp_port
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop listening, cancel every stream and stop the pool."""

@@ -136,12 +136,12 @@ def general_stats(stats: Stats, store, settings, now: float, threads: int) -> li
     ]
 
 
-def settings_stats(settings, listen: list[str], verbosity: int) -> list[tuple[str, object]]:
+def settings_stats(settings, listen: list[str], verbosity: int, tcp_port: int = 0) -> list[tuple[str, object]]:
     """Return the ``stats settings`` lines as (name, value) pairs."""
     return [
         ("maxbytes", settings.max_memory),
         ("maxconns", settings.max_connections),
-        ("tcpport", 0),
+        ("tcpport", tcp_port),
         ("udpport", 0),
         ("listen", ",".join(listen) or "none"),
         ("verbosity", verbosity),

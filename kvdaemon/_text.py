@@ -518,7 +518,7 @@ class TextHandler:
                 self.stats, self.store, self.settings, factory.reactor.seconds(), self.settings.threads
             )
         elif parts[1] == b"settings":
-            lines = _stats.settings_stats(self.settings, factory.listen_descriptions, factory.verbosity)
+            lines = _stats.settings_stats(self.settings, factory.listen_descriptions, factory.verbosity, factory.tcp_port)
         elif parts[1] == b"conns":
             lines = self._connection_stats()
         elif parts[1] == b"reset":

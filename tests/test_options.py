@@ -71,6 +71,14 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(name, message)
             self.assertIn(allowed, message)
 
+    def test_item_size_over_half_memory_rejected(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--max-memory", "1", "--max-item-size", "1048576")
+        message = str(raised.exception)
+        self.assertIn("--max-item-size", message)
+        self.assertIn("half of --max-memory", message)
+        self.assertEqual(parse("--max-memory", "2", "--max-item-size", "1048576")["settings"].max_item_size, 1048576)
+
     def test_invalid_endpoint_rejected(self) -> None:
         with self.assertRaises(usage.UsageError) as raised:
             parse("--listen", "bogus:x")

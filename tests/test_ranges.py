@@ -478,6 +478,26 @@ class RangeCommandTests(TestCase):
         self.assertIn(b"STAT range_items_deleted 50\r\n", reply)
 
     @defer.inlineCallbacks
+    def test_rdelete_noreply_sends_nothing(self):
+        service, port = yield start_server(self)
+        fill_store(service.factory.store, b"d", 20, 10)
+        fill_store(service.factory.store, b"e", 3, 10)
+
+        reply = yield self.ask(
+            port,
+            b"rdelete 1 1 0 d e noreply\r\nrdelete 1 1 0 e000001 noreply\r\nrdelete 2 1 0 x noreply\r\nrget 1 1 0 a\r\n",
+        )
+
+        # The second request deletes from e000001 with no end key: "noreply"
+        # is the flag, not the end key.  The third is invalid, and its error
+        # is silenced too.
+        self.assertEqual([key for key, _, _ in parse_values(reply)], [b"e000000"])
+        self.assertTrue(reply.endswith(b"END\r\n"))
+        self.assertNotIn(b"DELETED", reply)
+        self.assertNotIn(b"CLIENT_ERROR", reply)
+        self.assertEqual(service.factory.stats.range_items_deleted, 22)
+
+    @defer.inlineCallbacks
     def test_rdelete_max_items_and_exclusive(self):
         service, port = yield start_server(self)
         fill_store(service.factory.store, b"d", 10, 10)

@@ -233,3 +233,17 @@ class ConnectionLimitUnitTests(SynchronousTestCase):
         protocol, transport = self.connect(50002)
         protocol.dataReceived(b"version\r\n")
         self.assertTrue(transport.value().startswith(b"VERSION "))
+
+
+class SettingsReportTests(TestCase):
+    @defer.inlineCallbacks
+    def test_stats_settings_reports_tcp_port(self) -> None:
+        service = KVDaemonService(Settings(threads=1), ["tcp:0:interface=127.0.0.1"], reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.ports[0].getHost().port
+
+        reply = yield threads.deferToThread(exchange, port, b"stats settings\r\n")
+
+        self.assertIn(b"STAT tcpport %d\r\n" % port, reply)
+        self.assertTrue(reply.endswith(b"END\r\n"))
