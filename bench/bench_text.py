@@ -509,7 +509,12 @@ def run_throughput(args: argparse.Namespace) -> list[str]:
             f" keys, {args.value_size}-byte values and the get/set proportion::\n"
             f"\n    {shlex.join(memcaslap_argv)}\n"
         )
-        record_block(f"throughput-{protocol}", args, report, outcome.server_commands, details)
+        name = f"throughput-{protocol}"
+        if args.memcached_threads != _servers.DEFAULT_MEMCACHED_THREADS:
+            # Runs against memcached with other thread counts keep their
+            # own block, beside the default comparison.
+            name += f"-memcached-t{args.memcached_threads}"
+        record_block(name, args, report, outcome.server_commands, details)
     return report
 
 
