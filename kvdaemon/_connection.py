@@ -125,7 +125,8 @@ class Connection(protocol.Protocol):
         self.peer = describe_address(self.transport.getPeer())
         self.address = self.peer
         self.listen_address = describe_address(self.transport.getHost())
-        self.last_request_time = self.factory.reactor.seconds()
+        self._seconds = self.factory.reactor.seconds
+        self.last_request_time = self._seconds()
         self.transport.registerProducer(self, True)
         self._send_now = direct_sender(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -140,7 +141,7 @@ class Connection(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.stats.bytes_read += len(data)
-        self.last_request_time = self.factory.reactor.seconds()
+        self.last_request_time = self._seconds()
         if self.wanted:
             self._chunks.append(data)
             self._chunks_length += len(data)
@@ -176,7 +177,7 @@ class Connection(protocol.Protocol):
 
     def process_input(self) -> None:
         """Execute buffered requests until the buffer runs dry or the connection blocks."""
-        if not self.blocked and self._offset < len(self._buffer):
+        if self.stream is None and not self.producer_paused and not self.closing and self._offset < len(self._buffer):
             if self.handler is None:
                 self.handler = self._detect_protocol(self._buffer[self._offset])
             self.wanted = 0
@@ -196,6 +197,9 @@ class Connection(protocol.Protocol):
             if self._offset >= len(self._buffer):
                 self._buffer = b""
                 self._offset = 0
+                if not self.reading_paused and not self._chunks_length:
+                    # Nothing is pending, so there is no backlog to check.
+                    return
         self._check_backlog()
 
     def _detect_protocol(self, first_byte: int) -> Handler:

@@ -279,16 +279,21 @@ class Store:
         """
         now = self.clock()
         with self.lock:
-            record = self._lookup(key, now)
+            record = self._records.get(key)
             if record is None:
                 return None
-            if bump:
-                last_access = _HEADER.unpack_from(record)[3]
-                if not record[_HEADER_SIZE - 1] or now - last_access >= BUMP_INTERVAL:
-                    flags, exptime, cas, _, _ = _HEADER.unpack_from(record)
-                    record = _HEADER.pack(flags, exptime, cas, int(now), True) + record[_HEADER_SIZE:]
-                    self._bump(key, record)
-        return _decode(record)
+            # The commonest request in a cache, so the header is unpacked
+            # once here; _lookup handles an item that is no longer live.
+            flags, exptime, cas, last_access, fetched = _HEADER.unpack_from(record)
+            if (exptime and exptime <= now) or (self.flushed_before and last_access <= self.flushed_before <= now):
+                self._lookup(key, now)
+                return None
+            if bump and (not fetched or now - last_access >= BUMP_INTERVAL):
+                value = record[_HEADER_SIZE:]
+                last_access = int(now)
+                self._bump(key, _HEADER.pack(flags, exptime, cas, last_access, True) + value)
+                return Item(value, flags, exptime, cas, last_access, True)
+        return Item(record[_HEADER_SIZE:], flags, exptime, cas, last_access, bool(fetched))
 
     def store(
         self,
