@@ -12,7 +12,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings
-from kvdaemon._binary import ERROR_TEXT, Status, pack_response
+from kvdaemon._binary import ERROR_TEXT, pack_response
 from kvdaemon._sasl import AuthResult, PlainExchange, parse_plain
 from tests.binary_packets import Response, counter_extras, parse, request, storage_extras, u32
 from tests.support import FakeReactor, FakeThreadPool

@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionClosed, Connecti
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from kvdaemon import KVClientProtocol, KVProtocolError, KVStatusError, Record, ResponseStatus, Settings, connect
 from kvdaemon._client_wire import decode_scan_documents, decode_scan_keys, read_uleb128, scan_create_body
@@ -922,13 +922,6 @@ class ConnectionLossTests(SynchronousTestCase):
 # -- against a real kvdaemon --
 
 
-def skip_if_unserved(failure: Failure, opcode: int) -> Failure:
-    """Turn "unknown command" from a server that lacks ``opcode`` into a skip."""
-    if failure.check(KVStatusError) and failure.value.status == ResponseStatus.UNKNOWN_COMMAND:
-        raise SkipTest("the kvdaemon server does not serve binary opcode 0x%02x yet" % opcode)
-    return failure
-
-
 class ClientIntegrationTests(TestCase):
     """The client against an in-process kvdaemon on 127.0.0.1."""
 
@@ -945,14 +938,14 @@ class ClientIntegrationTests(TestCase):
     @defer.inlineCallbacks
     def range_get(self, *args: Any, **kwargs: Any):
         records: list[Record] = []
-        count = yield self.client.range_get(*args, records.append, **kwargs).addErrback(skip_if_unserved, RANGE_GET)
+        count = yield self.client.range_get(*args, records.append, **kwargs)
         self.assertEqual(count, len(records))
         return records
 
     @defer.inlineCallbacks
     def scan(self, *args: Any, **kwargs: Any):
         records: list[Record] = []
-        count = yield self.client.scan(*args, records.append, **kwargs).addErrback(skip_if_unserved, SCAN_CREATE)
+        count = yield self.client.scan(*args, records.append, **kwargs)
         self.assertEqual(count, len(records))
         return records
 
@@ -980,7 +973,7 @@ class ClientIntegrationTests(TestCase):
     @defer.inlineCallbacks
     def test_range_get_pipelined_with_get(self):
         records: list[Record] = []
-        ranged = self.client.range_get(None, None, records.append).addErrback(skip_if_unserved, RANGE_GET)
+        ranged = self.client.range_get(None, None, records.append)
         got = self.client.get(b"key049")
         count = yield ranged
         record = yield got
@@ -989,7 +982,7 @@ class ClientIntegrationTests(TestCase):
 
     @defer.inlineCallbacks
     def test_range_delete_count(self):
-        count = yield self.client.range_delete(b"key000", b"key010").addErrback(skip_if_unserved, RANGE_DELETE)
+        count = yield self.client.range_delete(b"key000", b"key010")
         self.assertEqual(count, 10)
         records = yield self.range_get(None, b"key011")
         self.assertEqual([record.key for record in records], [b"key010"])
@@ -1014,7 +1007,7 @@ class ClientIntegrationTests(TestCase):
 
     @defer.inlineCallbacks
     def test_continue_after_cancel_fails(self):
-        scan_id = yield self.client.create_scan(key_only=True).addErrback(skip_if_unserved, SCAN_CREATE)
+        scan_id = yield self.client.create_scan(key_only=True)
         records: list[Record] = []
         complete = yield self.client.continue_scan(scan_id, records.append, item_limit=3)
         self.assertIs(complete, False)
@@ -1028,8 +1021,6 @@ class ClientIntegrationTests(TestCase):
     @defer.inlineCallbacks
     def test_continue_unknown_scan(self):
         error = yield self.assertFailure(self.client.continue_scan(b"\0" * 16, print), KVStatusError)
-        if error.status == ResponseStatus.UNKNOWN_COMMAND:
-            raise SkipTest("the kvdaemon server does not serve binary opcode 0xdb yet")
         self.assertEqual(error.status, ResponseStatus.NOT_FOUND)
 
     @defer.inlineCallbacks
@@ -1046,7 +1037,7 @@ class ClientIntegrationTests(TestCase):
             if len(records) == 10:
                 self.client.pauseProducing()
 
-        scanned = self.client.scan(b"big", b"big\xff", on_record).addErrback(skip_if_unserved, SCAN_CREATE)
+        scanned = self.client.scan(b"big", b"big\xff", on_record)
         connection = next(iter(self.service.factory.connections))
         yield wait_until(lambda: len(records) >= 10 and connection.producer_paused)
         # A client that kept reading would take the whole 4 MB and let the
