@@ -330,10 +330,10 @@ class BinaryHandler:
         Execute or reject the packet at ``offset``.
 
         :return: the offset after what was consumed, or ``None`` after
-            setting ``connection.wanted`` when the packet is incomplete.
+            setting ``connection.bytes_needed`` when the packet is incomplete.
         """
         if end - offset < HEADER_SIZE:
-            self.connection.wanted = HEADER_SIZE
+            self.connection.bytes_needed = HEADER_SIZE
             return None
         magic, opcode, key_length, extras_length, _, _, body_length, opaque, cas = HEADER.unpack_from(buffer, offset)
         if magic != REQUEST_MAGIC:
@@ -344,7 +344,7 @@ class BinaryHandler:
         # Like memcached, check nothing more until extras and key are in,
         # even when the header's lengths are inconsistent.
         if value_start > end:
-            self.connection.wanted = value_start - offset
+            self.connection.bytes_needed = value_start - offset
             return None
         command = self.commands.get(opcode)
         if not self._header_acceptable(opcode, opaque, key_length, extras_length, body_length, command):
@@ -376,7 +376,7 @@ class BinaryHandler:
             self._skip = value_length
             return value_start
         if packet_end > end:
-            self.connection.wanted = packet_end - offset
+            self.connection.bytes_needed = packet_end - offset
             return None
         value = buffer[value_start:packet_end]
         self._requests_served += 1

@@ -93,11 +93,11 @@ class Connection(protocol.Protocol):
     def __init__(self) -> None:
         self._buffer = b""
         self._offset = 0
-        #: Chunks received while waiting for ``_wanted`` bytes in all.
+        #: Chunks received while waiting for ``bytes_needed`` bytes in all.
         self._chunks: list[bytes] = []
         self._chunks_length = 0
         #: Bytes from ``_offset`` the handler needs before it can progress.
-        self.wanted = 0
+        self.bytes_needed = 0
         self.handler: Handler | None = None
         self._send_now: Callable[[bytes], bool] | None = None
         #: True while requests execute: replies then wait in _output.
@@ -142,10 +142,10 @@ class Connection(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.stats.bytes_read += len(data)
         self.last_request_time = self._seconds()
-        if self.wanted:
+        if self.bytes_needed:
             self._chunks.append(data)
             self._chunks_length += len(data)
-            if len(self._buffer) - self._offset + self._chunks_length < self.wanted:
+            if len(self._buffer) - self._offset + self._chunks_length < self.bytes_needed:
                 self._check_backlog()
                 return
             data = b"".join(self._chunks)
@@ -180,7 +180,7 @@ class Connection(protocol.Protocol):
         if self.stream is None and not self.producer_paused and not self.closing and self._offset < len(self._buffer):
             if self.handler is None:
                 self.handler = self._detect_protocol(self._buffer[self._offset])
-            self.wanted = 0
+            self.bytes_needed = 0
             self._collecting = True
             try:
                 self._offset = self.handler.process(self._buffer, self._offset)
@@ -231,7 +231,7 @@ class Connection(protocol.Protocol):
             return "conn_closing"
         if self.stream is not None or self.producer_paused:
             return "conn_mwrite"
-        if self.wanted:
+        if self.bytes_needed:
             return "conn_nread"
         return "conn_parse_cmd"
 

@@ -243,7 +243,7 @@ class TextHandler:
             data_start = eol + 1
             data_end = data_start + length + 2
             if data_end > end:
-                connection.wanted = data_end - offset
+                connection.bytes_needed = data_end - offset
                 return offset
             offset = data_end
             if buffer[data_end - 2 : data_end] != b"\r\n":

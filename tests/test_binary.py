@@ -588,7 +588,7 @@ class MalformedRequestTests(BinaryTestCase):
         responses = self.send(packet[:1000])
         self.assertEqual(len(responses), 1)
         self.assert_error(responses[0], SET, TOO_LARGE, 7)
-        self.assertEqual(self.connection.wanted, 0)
+        self.assertEqual(self.connection.bytes_needed, 0)
         self.assertEqual(self.send(packet[1000:500000]), [])
         responses = self.send(packet[500000:] + NOOP_PACKET)
         self.assertEqual([r.opcode for r in responses], [NOOP])
@@ -663,12 +663,12 @@ class FramingTests(BinaryTestCase):
         pieces = [self.PIPELINE[i : i + 1] for i in range(len(self.PIPELINE))]
         self.assertEqual(self.fresh_responses(pieces), expected)
 
-    def test_wanted_covers_header_then_packet(self) -> None:
+    def test_bytes_needed_covers_header_then_packet(self) -> None:
         packet = request(SET, b"key", storage_extras(), b"v" * 100)
         self.connection.dataReceived(packet[:10])
-        self.assertEqual(self.connection.wanted, 24)
+        self.assertEqual(self.connection.bytes_needed, 24)
         self.connection.dataReceived(packet[10:40])
-        self.assertEqual(self.connection.wanted, len(packet))
+        self.assertEqual(self.connection.bytes_needed, len(packet))
         self.connection.dataReceived(packet[40:])
         self.assertEqual(parse(self.transport.value())[0].status, SUCCESS)
 
