@@ -771,6 +771,7 @@ class StreamingBehaviourTests(TestCase):
         stable = keys[0::2]
         changing = keys[1::2]
         first_round_done = threading.Event()
+        scan_started = threading.Event()
         streams_after_first_round: list[int] = []
 
         def scan() -> bytes:
@@ -778,6 +779,7 @@ class StreamingBehaviourTests(TestCase):
             with client:
                 client.sendall(b"rget 1 1 0 c\r\n")
                 data = bytearray(client.recv(32 * 1024))
+                scan_started.set()
                 # The scan is stalled part way through while the writer
                 # deletes, rewrites and adds keys all over the range.
                 if not first_round_done.wait(30):
@@ -786,6 +788,10 @@ class StreamingBehaviourTests(TestCase):
 
         def write() -> int:
             operations = 0
+            # On a busy machine the scanning thread may start late; the
+            # first round must meet a scan that is under way.
+            if not scan_started.wait(30):
+                raise AssertionError("the scan did not start")
             with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
                 for round_number in range(3):
                     requests = []
