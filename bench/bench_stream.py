@@ -12,9 +12,9 @@ In one run:
 4. Latency of single ``get`` requests from a second client, p50 and p99,
    while a full-value ``rget`` streams, against the same with no scan.
 5. Memory over time for a large ``rget`` to a client that reads nothing
-   for a while and then reads everything, with the spool cap on and, for
-   contrast, with it disabled (a benchmark-only server option); both are
-   drawn in one PNG plot.
+   for a while and then reads everything.  It runs with the spool cap on
+   and, for contrast, with it disabled (a benchmark-only server option).
+   Both runs are drawn in one PNG plot.
 
 Run ``python bench/bench_stream.py --help`` for the sizes; ``--record``
 writes the figures into ``bench/RESULTS.rst``.

@@ -48,8 +48,8 @@ from kvdaemon._streaming import Stream, StreamJob, StreamStalled
 if TYPE_CHECKING:
     from kvdaemon._factory import KVDaemonFactory
 
-#: Replies produced while one read's requests execute are sent together;
-#: past this many bytes they are sent at once, so a pipeline of large
+#: Replies produced while one read's requests execute are sent together.
+#: Past this many bytes they are sent at once, so a pipeline of large
 #: replies cannot pile up before the transport gets a chance to push back.
 OUTPUT_BATCH_BYTES = 64 * 1024
 
@@ -204,8 +204,8 @@ class Connection(protocol.Protocol):
 
     def _detect_protocol(self, first_byte: int) -> Handler:
         # With SASL on, memcached parses every connection as binary, so a
-        # text request is answered by nothing, then closed once 24 bytes
-        # (a header with the wrong magic) have arrived.
+        # text request gets no reply, and the connection is closed once 24
+        # bytes (a header with the wrong magic) have arrived.
         if first_byte == BINARY_REQUEST_MAGIC or self.factory.settings.sasl_users is not None:
             from kvdaemon._binary import BinaryHandler
 
@@ -268,7 +268,7 @@ class Connection(protocol.Protocol):
         # writeSequence call, not through the direct sender: batches are
         # large, so sending them a reactor iteration later costs nothing
         # that matters.  The direct sender checks that queue first, so the
-        # order of replies holds either way.
+        # order of replies is kept either way.
         self.stats.bytes_written += sum(map(len, chunks))
         self.transport.writeSequence(chunks)
 
@@ -303,7 +303,7 @@ class Connection(protocol.Protocol):
         """
         Drop the connection at once, discarding output not yet sent.
 
-        For a stream that ended early: its client holds a truncated reply
+        For a stream that ended early: its client has a truncated reply
         that it cannot tell from a complete one, and ``loseConnection``
         would wait forever for a client that stopped reading.
         """

@@ -198,7 +198,7 @@ class RangeReadJob:
                 return True
             # The formatted items go to the spool as one chunk: one spool
             # write (and lock) per batch instead of one per item.  The batch
-            # stops once it holds the bytes the step may still send, so a
+            # stops once it contains the bytes the step may still send, so a
             # step still ends within one item of the spool cap, and at a
             # pause or cancellation the batch stops at the next item.
             # next_batch already stopped the batch at max_items.

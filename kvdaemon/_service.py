@@ -28,10 +28,12 @@ class KVDaemonService(service.Service):
     """
     A kvdaemon server as a Twisted service.
 
-    ``startService`` starts the worker pool and listens on every endpoint;
-    ``stopService`` stops listening, cancels running streams (it never
-    waits for a client), then stops the pool.  The pool is the service's
-    own, never the reactor's shared one.
+    ``startService`` starts the worker pool and listens on every endpoint.
+    ``stopService`` stops listening, cancels running streams and then stops
+    the pool, without waiting for any client.  The pool is the service's
+    own, never the reactor's shared one.  Connections with no stream
+    running stay open after ``stopService``, as they do when any Twisted
+    port stops listening; the reactor closes them when it stops.
 
     :param settings: limits and switches.
     :param listen: Twisted server endpoint descriptions, such as

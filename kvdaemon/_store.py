@@ -29,8 +29,8 @@ from sortedcontainers import SortedList
 #: memcached treats an expiry time above 30 days as an absolute Unix time.
 MAX_RELATIVE_EXPIRY = 60 * 60 * 24 * 30
 
-#: Bytes that memcached 1.6 adds to every item for its header; counted
-#: against the memory limit so that ``limit_maxbytes`` means about the same
+#: Bytes that memcached 1.6 adds to every item for its header.  They count
+#: against the memory limit, so ``limit_maxbytes`` means about the same
 #: number of items here as in memcached.
 ITEM_OVERHEAD = 48
 
@@ -46,7 +46,7 @@ _FLAGS_SIZE = 4
 EVICTION_SLACK_DIVISOR = 256
 EVICTION_BATCH_MIN_MEMORY = 1024 * 1024
 
-#: The longest key memcached accepts.
+#: The maximum key length, in bytes, that memcached accepts.
 MAX_KEY_LENGTH = 250
 
 #: Marks that meta commands keep per item (see :meth:`Store.marks`): the
@@ -57,8 +57,8 @@ MARK_WIN_SENT = 2
 MARK_BINARY_KEY = 4
 
 #: An item is bumped to the LRU head at most once per this many seconds,
-#: like memcached's ``ITEM_UPDATE_INTERVAL``; the last-access time reported
-#: by metadump has the same granularity.
+#: like memcached's ``ITEM_UPDATE_INTERVAL``.  The last-access time that
+#: metadump reports has the same granularity.
 BUMP_INTERVAL = 60
 
 # flags u32, absolute expiry u32 (0 = never), CAS u64, last access u32,
@@ -227,7 +227,7 @@ class Store:
         # Reaching the dict's oldest item means skipping the slots of items
         # deleted since the dict last compacted, up to about one slot per
         # item.  So a large store evicts down to a little below its limit,
-        # in one batch, and the next few stores need no eviction; a small
+        # in one batch, and the next few stores need no eviction.  A small
         # store (under 1 MiB) evicts exactly what exceeds the limit.
         slack = self.max_memory // EVICTION_SLACK_DIVISOR if self.max_memory >= EVICTION_BATCH_MIN_MEMORY else 0
         target = self.max_memory - slack
@@ -254,9 +254,6 @@ class Store:
         cas = self._next_cas
         self._next_cas += 1
         return cas
-
-    def _pack(self, value: bytes, flags: int, exptime: int, cas: int, now: float, fetched: bool = False) -> bytes:
-        return _HEADER.pack(flags, exptime, cas, int(now), fetched) + value
 
     # -- reactor-thread API --
 
@@ -450,14 +447,6 @@ class Store:
             self.bytes_used = 0
             self.flushed_before = 0.0
 
-    def replace_item(self, key: bytes, item: Item) -> int:
-        """Store a complete item (meta commands' explicit fields); return the CAS it was stored with."""
-        now = self.clock()
-        with self.lock:
-            cas = item.cas or self._new_cas()
-            self._link(key, _HEADER.pack(item.flags, item.exptime, cas, int(now), item.fetched) + item.value)
-            return cas
-
     def new_cas(self) -> int:
         """Allocate a CAS unique without storing anything."""
         with self.lock:
@@ -536,7 +525,7 @@ class Store:
 
         Either bound may be ``None`` for none.  With ``max_bytes`` the batch
         ends once its keys and values add up to that many bytes, and it
-        always holds at least one item when one is in range.  Safe to call
+        always contains at least one item when one is in range.  Safe to call
         from any thread: it holds :attr:`lock` while it copies the batch, so
         callers should keep the batch small and call again from the last
         key returned.

@@ -16,7 +16,10 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from kvdaemon import KVDaemonService, Settings
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from kvdaemon import KVDaemonFactory, KVDaemonService, Settings
 from kvdaemon.testing import SteppedReactor, SteppedThreadPool
 
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
@@ -113,3 +116,40 @@ def exchange(port: int, request: bytes, expect_close: bool = False, timeout: flo
 # kvdaemon's public testing module; the tests use them under these names.
 FakeThreadPool = SteppedThreadPool
 FakeReactor = SteppedReactor
+
+
+class Client:
+    """One connection to ``factory`` over a ``StringTransport``."""
+
+    def __init__(self, factory: KVDaemonFactory, port: int = 40000) -> None:
+        peer = IPv4Address("TCP", "127.0.0.1", port)
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 11211))
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        """Deliver ``data`` as one read and return what the server wrote in reply."""
+        self.protocol.dataReceived(data)
+        output = self.transport.value()
+        self.transport.clear()
+        return output
+
+    def send_chunks(self, chunks: list[bytes]) -> bytes:
+        """Deliver ``chunks`` as separate reads and return all the replies."""
+        return b"".join(self.send(chunk) for chunk in chunks)
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+def send_and_read(connection: socket.socket, data: bytes, terminator: bytes = b"\r\n") -> bytes:
+    """Send ``data`` on a blocking socket and read until the reply ends with ``terminator`` or the server closes."""
+    connection.sendall(data)
+    received = b""
+    while not received.endswith(terminator):
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received

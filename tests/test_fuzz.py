@@ -10,13 +10,11 @@ from __future__ import annotations
 import struct
 
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings
-from tests.support import FakeReactor, FakeThreadPool
+from tests.support import Client, FakeReactor, FakeThreadPool
 
 NOW = 1_700_000_000
 
@@ -59,22 +57,6 @@ def _binary_packets(draw: st.DrawFn) -> bytes:
 _BINARY_STREAMS = st.lists(_binary_packets(), max_size=6).map(lambda packets: b"\x80" + b"".join(packets)[1:] if packets else b"")
 
 
-class _Peer:
-    """A connection to the factory over a StringTransport."""
-
-    def __init__(self, factory: KVDaemonFactory, port: int) -> None:
-        address = IPv4Address("TCP", "127.0.0.1", port)
-        self.protocol = factory.buildProtocol(address)
-        self.transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 11211))
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> bytes:
-        self.protocol.dataReceived(data)
-        output = self.transport.value()
-        self.transport.clear()
-        return output
-
-
 class FuzzTests(SynchronousTestCase):
     def run_stream(self, data: bytes, split_at: list[int]) -> None:
         reactor = FakeReactor()
@@ -83,10 +65,10 @@ class FuzzTests(SynchronousTestCase):
         # flush_all and range deletes are turned off: they destroy data on
         # purpose, and the key "kept" is not among the fuzzed words.
         factory = KVDaemonFactory(Settings(threads=1, allow_destructive=False), reactor=reactor, threadpool=pool)
-        keeper = _Peer(factory, 40000)
+        keeper = Client(factory, 40000)
         self.assertEqual(keeper.send(b"set kept 5 0 4\r\nsafe\r\n"), b"STORED\r\n")
 
-        fuzzer = _Peer(factory, 40001)
+        fuzzer = Client(factory, 40001)
         cuts = sorted({min(cut, len(data)) for cut in split_at} | {0, len(data)})
         with capturedLogs() as events:
             for start, end in zip(cuts, cuts[1:]):

@@ -1,6 +1,6 @@
 """
 Tests that the Twisted client example in README.rst runs against a real
-kvdaemon and prints what the README says it does.
+kvdaemon and prints the output the README shows.
 """
 
 from __future__ import annotations

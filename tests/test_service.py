@@ -19,25 +19,13 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from kvdaemon import KVDaemonFactory, KVDaemonService, Settings
-from tests.support import FakeReactor, FakeThreadPool, exchange
+from tests.support import FakeReactor, FakeThreadPool, exchange, send_and_read
 
 TOO_MANY = b"ERROR Too many open connections\r\n"
 
 
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def request(connection: socket.socket, data: bytes, terminator: bytes = b"\r\n") -> bytes:
-    """Send ``data`` and read until the reply ends with ``terminator`` (blocking)."""
-    connection.sendall(data)
-    received = b""
-    while not received.endswith(terminator):
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        received += chunk
-    return received
 
 
 def read_until_closed(connection: socket.socket) -> bytes:
@@ -93,7 +81,7 @@ class ServiceLifecycleTests(TestCase):
         port = service.ports[0].getHost().port
         idle = yield threads.deferToThread(connect, port)
         self.addCleanup(idle.close)
-        yield threads.deferToThread(request, idle, b"version\r\n")
+        yield threads.deferToThread(send_and_read, idle, b"version\r\n")
         yield service.stopService()
         self.assertFalse(service.threadpool.started)
 
@@ -118,7 +106,7 @@ class ServiceLifecycleTests(TestCase):
             with socket.socket(socket.AF_UNIX) as connection:
                 connection.settimeout(10)
                 connection.connect(path)
-                return request(connection, b"get shared\r\n", b"END\r\n")
+                return send_and_read(connection, b"get shared\r\n", b"END\r\n")
 
         reply = yield threads.deferToThread(get_over_unix_socket)
         self.assertEqual(reply, b"VALUE shared 0 2\r\nok\r\nEND\r\n")
@@ -169,8 +157,8 @@ class ConnectionLimitTests(TestCase):
         self.addCleanup(first.close)
         second = yield threads.deferToThread(connect, port)
         self.addCleanup(second.close)
-        self.assertEqual((yield threads.deferToThread(request, first, b"version\r\n"))[:8], b"VERSION ")
-        self.assertEqual((yield threads.deferToThread(request, second, b"version\r\n"))[:8], b"VERSION ")
+        self.assertEqual((yield threads.deferToThread(send_and_read, first, b"version\r\n"))[:8], b"VERSION ")
+        self.assertEqual((yield threads.deferToThread(send_and_read, second, b"version\r\n"))[:8], b"VERSION ")
 
         third = yield threads.deferToThread(connect, port)
         self.addCleanup(third.close)
@@ -185,7 +173,7 @@ class ConnectionLimitTests(TestCase):
         self.assertEqual(service.factory.stats.curr_connections, 1)
         fourth = yield threads.deferToThread(connect, port)
         self.addCleanup(fourth.close)
-        reply = yield threads.deferToThread(request, fourth, b"stats\r\n", b"END\r\n")
+        reply = yield threads.deferToThread(send_and_read, fourth, b"stats\r\n", b"END\r\n")
         self.assertIn(b"STAT rejected_connections 1\r\n", reply)
         self.assertIn(b"STAT curr_connections 2\r\n", reply)
 

@@ -180,16 +180,6 @@ class StoreModeTests(SynchronousTestCase):
         self.assertEqual(self.store.new_cas(), cas + 1)
         self.assertEqual(self.store.store("set", b"k", b"v", 0, 0)[1], cas + 2)
 
-    def test_replace_item_explicit_fields(self) -> None:
-        self.store.store("set", b"k", b"old", 0, 0)
-        original = self.store.get(b"k")
-        cas = self.store.replace_item(b"k", original._replace(value=b"new", flags=5, cas=0))
-        item = self.store.get(b"k")
-        self.assertEqual(item.value, b"new")
-        self.assertEqual(item.flags, 5)
-        self.assertEqual(item.cas, cas)
-        self.assertGreater(cas, original.cas)
-
     def test_delete(self) -> None:
         self.store.store("set", b"k", b"v", 0, 0)
         self.assertEqual(self.store.delete(b"k"), StoreResult.STORED)

@@ -9,14 +9,12 @@ fake clock, so every test is synchronous and deterministic.
 from __future__ import annotations
 
 from hypothesis import given, settings as hypothesis_settings, strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings
 from kvdaemon._version import PROTOCOL_VERSION
-from tests.support import FakeReactor, FakeThreadPool
+from tests.support import Client, FakeReactor, FakeThreadPool
 
 #: A realistic Unix time, so that relative and absolute expiry times differ.
 NOW = 1_700_000_000
@@ -36,31 +34,6 @@ def make_factory(**settings) -> KVDaemonFactory:
     reactor = FakeReactor()
     reactor.advance(NOW)
     return KVDaemonFactory(Settings(**settings), reactor=reactor, threadpool=FakeThreadPool())
-
-
-class Client:
-    """One connection to ``factory`` over a ``StringTransport``."""
-
-    def __init__(self, factory: KVDaemonFactory, port: int = 40000) -> None:
-        peer = IPv4Address("TCP", "127.0.0.1", port)
-        self.protocol = factory.buildProtocol(peer)
-        self.transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 11211))
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> bytes:
-        """Deliver ``data`` as one read and return what the server wrote in reply."""
-        self.protocol.dataReceived(data)
-        output = self.transport.value()
-        self.transport.clear()
-        return output
-
-    def send_chunks(self, chunks: list[bytes]) -> bytes:
-        """Deliver ``chunks`` as separate reads and return all the replies."""
-        return b"".join(self.send(chunk) for chunk in chunks)
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
 
 
 class TextTestCase(SynchronousTestCase):

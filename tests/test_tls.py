@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
 from kvdaemon import KVDaemonService, Settings
+from tests.support import send_and_read
 
 
 def write_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -55,14 +56,7 @@ def tls_exchange(port: int, request: bytes, terminator: bytes) -> bytes:
     context.verify_mode = ssl.CERT_NONE
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with context.wrap_socket(raw) as connection:
-            connection.sendall(request)
-            received = b""
-            while not received.endswith(terminator):
-                chunk = connection.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-            return received
+            return send_and_read(connection, request, terminator)
 
 
 class TLSEndpointTests(TestCase):

@@ -1,7 +1,7 @@
 """
 The ``twistd kvdaemon`` plugin.
 
-It imports kvdaemon only when twistd asks for the options or the service,
+It imports kvdaemon only when twistd requests the options or the service,
 so that listing plugins stays fast and the reactor is not installed here.
 """
 
