@@ -206,7 +206,14 @@ class Connection(protocol.Protocol):
         # With SASL on, memcached parses every connection as binary, so a
         # text request gets no reply, and the connection is closed once 24
         # bytes (a header with the wrong magic) have arrived.
-        if first_byte == BINARY_REQUEST_MAGIC or self.factory.settings.sasl_users is not None:
+        settings = self.factory.settings
+        if settings.sasl_users is None and settings.auth_users is not None:
+            # With an authentication file, memcached reads every connection
+            # as text, so a binary request gets no reply.
+            from kvdaemon._textauth import AuthenticationGate
+
+            return AuthenticationGate(self, settings.auth_users)
+        if first_byte == BINARY_REQUEST_MAGIC or settings.sasl_users is not None:
             from kvdaemon._binary import BinaryHandler
 
             return BinaryHandler(self)

@@ -28,9 +28,9 @@ def _bounded(name: str, value: str, low: float, high: float, unit: str, kind: ty
     return number
 
 
-def read_sasl_file(path: str) -> dict[bytes, bytes]:
+def read_credentials(path: str, option: str = "sasl-file") -> dict[bytes, bytes]:
     """
-    Read SASL PLAIN credentials: one ``user:password`` per line.
+    Read credentials for ``--OPTION``: one ``user:password`` per line.
 
     Blank lines and lines starting with ``#`` are ignored.
     :raise usage.UsageError: the file cannot be read or a line has no colon.
@@ -39,17 +39,17 @@ def read_sasl_file(path: str) -> dict[bytes, bytes]:
         with open(path, "rb") as f:
             lines = f.read().splitlines()
     except OSError as error:
-        raise usage.UsageError("Cannot read --sasl-file %s: %s" % (path, error.strerror))
+        raise usage.UsageError("Cannot read --%s %s: %s" % (option, path, error.strerror))
     users: dict[bytes, bytes] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith(b"#"):
             continue
         user, colon, password = line.partition(b":")
         if not colon or not user:
-            raise usage.UsageError("Invalid line %d in --sasl-file %s: expected user:password." % (number, path))
+            raise usage.UsageError("Invalid line %d in --%s %s: expected user:password." % (number, option, path))
         users[user] = password
     if not users:
-        raise usage.UsageError("--sasl-file %s contains no user:password lines." % (path,))
+        raise usage.UsageError("--%s %s contains no user:password lines." % (option, path))
     return users
 
 
@@ -100,6 +100,14 @@ class Options(usage.Options):
             "Require SASL PLAIN authentication; the file has one user:password per line. As with memcached -S,"
             " every connection is then read as binary, so text clients get no reply.",
         ],
+        [
+            "auth-file",
+            "Y",
+            None,
+            "Require text-protocol clients to authenticate, as memcached -Y does: a connection must first send"
+            " a set whose data is 'user password', matching a user:password line of the file. Every connection"
+            " is then read as text, so binary clients get no reply.",
+        ],
     ]
     optFlags = [
         [
@@ -108,7 +116,12 @@ class Options(usage.Options):
             "For benchmarks only: turn off the --stream-buffer cap and backpressure, so a client that stops"
             " reading makes the server buffer its whole reply in memory.",
         ],
-        ["disable-flush", None, "Reject flush_all and range deletes, the commands that destroy data in bulk."],
+        [
+            "disable-flush-all",
+            "F",
+            "Reject flush_all (text and binary) and range deletes, the commands that destroy data in bulk.",
+        ],
+        ["disable-dumps", "X", "Reject lru_crawler metadump and mgdump, the commands that list every key."],
     ]
 
     def __init__(self) -> None:
@@ -119,10 +132,22 @@ class Options(usage.Options):
         """Listen on a Twisted server endpoint (repeatable), e.g. tcp:11211:interface=127.0.0.1 or unix:/run/kv.sock."""
         self["listen"].append(description)
 
+    def opt_disable_flush(self) -> None:
+        """Turn on --disable-flush-all (its earlier name, kept as an alias)."""
+        self["disable-flush-all"] = True
+
     def postOptions(self) -> None:
+        if self["sasl-file"] and self["auth-file"]:
+            raise usage.UsageError(
+                "--sasl-file and --auth-file cannot be combined: SASL makes every connection binary,"
+                " and --auth-file authenticates text connections."
+            )
         sasl_users = None
         if self["sasl-file"]:
-            sasl_users = read_sasl_file(self["sasl-file"])
+            sasl_users = read_credentials(self["sasl-file"], "sasl-file")
+        auth_users = None
+        if self["auth-file"]:
+            auth_users = read_credentials(self["auth-file"], "auth-file")
         self["settings"] = Settings(
             max_memory=_bounded("max-memory", self["max-memory"], 1, 1048576, "MiB") * MiB,
             max_item_size=_bounded("max-item-size", self["max-item-size"], 1024, 128 * MiB, "bytes"),
@@ -137,8 +162,10 @@ class Options(usage.Options):
             max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
             max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),
             scan_lifetime=_bounded("scan-lifetime", self["scan-lifetime"], 1, 86400, "seconds", float),
-            allow_destructive=not self["disable-flush"],
+            allow_destructive=not self["disable-flush-all"],
+            allow_dumps=not self["disable-dumps"],
             sasl_users=sasl_users,
+            auth_users=auth_users,
         )
         self["switch-interval"] = _bounded("switch-interval", self["switch-interval"], 0.05, 100, "milliseconds", float)
         settings = self["settings"]

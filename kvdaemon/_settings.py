@@ -45,6 +45,14 @@ class Settings:
     allow_destructive: bool = True
     #: SASL PLAIN credentials (user name to password); ``None`` turns SASL off.
     sasl_users: dict[bytes, bytes] | None = None
+    #: Credentials for text-protocol authentication (memcached's ``-Y``):
+    #: a connection must send ``user password`` in a ``set`` before any
+    #: other request.  ``None`` turns it off.  Ignored when ``sasl_users``
+    #: is set, because SASL then makes every connection binary.
+    auth_users: dict[bytes, bytes] | None = None
+    #: Whether ``lru_crawler metadump`` and ``lru_crawler mgdump``, which
+    #: list every key, are served.
+    allow_dumps: bool = True
     #: Open resumable range scans allowed at once.
     max_scans: int = 64
     #: Seconds an idle resumable range scan lives before it is dropped.

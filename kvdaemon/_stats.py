@@ -150,6 +150,8 @@ def settings_stats(settings, listen: list[str], verbosity: int, tcp_port: int = 
         ("item_size_max", settings.max_item_size),
         ("flush_enabled", "yes" if settings.allow_destructive else "no"),
         ("sasl", "yes" if settings.sasl_users is not None else "no"),
+        ("auth_enabled_ascii", "yes" if settings.auth_users is not None else "no"),
+        ("dump_enabled", "yes" if settings.allow_dumps else "no"),
         ("num_threads", settings.threads),
         ("stream_buffer", settings.stream_buffer),
         ("stall_timeout", settings.stall_timeout),

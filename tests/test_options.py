@@ -5,7 +5,9 @@ the service and settings it builds.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -38,7 +40,8 @@ class OptionsTests(SynchronousTestCase):
             "--max-streams", "7",
             "--max-scans", "5",
             "--scan-lifetime", "9",
-            "--disable-flush",
+            "--disable-flush-all",
+            "--disable-dumps",
         )
         settings = options["settings"]
         self.assertEqual(settings.max_memory, 128 * MiB)
@@ -51,6 +54,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(settings.max_scans, 5)
         self.assertEqual(settings.scan_lifetime, 9.0)
         self.assertFalse(settings.allow_destructive)
+        self.assertFalse(settings.allow_dumps)
 
     def test_listen_repeatable(self) -> None:
         options = parse("--listen", "tcp:1:interface=127.0.0.1", "--listen", "unix:/tmp/kv.sock")
@@ -96,3 +100,56 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsInstance(service, KVDaemonService)
         self.assertAlmostEqual(sys.getswitchinterval(), 0.00025)
         self.assertEqual(service.listen, ["tcp:0:interface=127.0.0.1"])
+
+
+class AccessOptionsTests(SynchronousTestCase):
+    def write_file(self, content: bytes) -> str:
+        fd, path = tempfile.mkstemp()
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        self.addCleanup(os.remove, path)
+        return path
+
+    def test_switches_on_by_default(self) -> None:
+        settings = parse()["settings"]
+        self.assertTrue(settings.allow_destructive)
+        self.assertTrue(settings.allow_dumps)
+        self.assertIsNone(settings.auth_users)
+        self.assertIsNone(settings.sasl_users)
+
+    def test_short_flags_match_memcached(self) -> None:
+        settings = parse("-F", "-X")["settings"]
+        self.assertFalse(settings.allow_destructive)
+        self.assertFalse(settings.allow_dumps)
+
+    def test_disable_flush_alias(self) -> None:
+        self.assertFalse(parse("--disable-flush")["settings"].allow_destructive)
+
+    def test_auth_file_read(self) -> None:
+        path = self.write_file(b"# users\nalice:secret\n\nbob:pw:with:colons\n")
+        for option in ("--auth-file", "-Y"):
+            settings = parse(option, path)["settings"]
+            self.assertEqual(settings.auth_users, {b"alice": b"secret", b"bob": b"pw:with:colons"})
+
+    def test_auth_file_bad_line_rejected(self) -> None:
+        path = self.write_file(b"alice:secret\nnocolon\n")
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--auth-file", path)
+        self.assertIn("Invalid line 2 in --auth-file", str(raised.exception))
+
+    def test_auth_file_empty_rejected(self) -> None:
+        path = self.write_file(b"# nobody\n")
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--auth-file", path)
+        self.assertIn("contains no user:password lines", str(raised.exception))
+
+    def test_auth_file_missing_rejected(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--auth-file", "/nonexistent/kvdaemon.auth")
+        self.assertIn("Cannot read --auth-file /nonexistent/kvdaemon.auth", str(raised.exception))
+
+    def test_sasl_and_auth_file_rejected_together(self) -> None:
+        path = self.write_file(b"alice:secret\n")
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--auth-file", path, "--sasl-file", path)
+        self.assertIn("cannot be combined", str(raised.exception))

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from kvdaemon import Settings, Store
@@ -681,6 +682,48 @@ class MemcachedDumpReferenceTests(TestCase):
 
         self.assertEqual(fields(ours), fields(theirs))
         self.assertEqual(len(fields(ours)), 8)
+
+
+class AdminSwitchesReferenceTests(TestCase):
+    """--disable-dumps and --disable-flush-all next to memcached's -X and -F."""
+
+    def setUp(self) -> None:
+        self.memcached = MemcachedProcess("-X", "-F")
+        self.addCleanup(self.memcached.stop)
+
+    @defer.inlineCallbacks
+    def test_disabled_commands_match_memcached(self):
+        service, port = yield start_server(self, Settings(threads=2, allow_dumps=False, allow_destructive=False))
+        requests = [
+            b"set kept 0 0 4\r\nsafe\r\n",
+            b"lru_crawler metadump all\r\n",
+            b"lru_crawler metadump 1\r\n",
+            b"lru_crawler metadump\r\n",
+            b"flush_all\r\n",
+            b"flush_all 0\r\n",
+            b"flush_all noreply\r\nversion\r\n",
+            b"get kept\r\n",
+        ]
+        for request in requests:
+            ours = yield threads.deferToThread(exchange, port, request)
+            theirs = yield threads.deferToThread(exchange, self.memcached.port, request)
+            self.assertEqual(ours, theirs, request)
+
+    @defer.inlineCallbacks
+    def test_disabled_mgdump_rejected(self):
+        # memcached 1.6.18 has no mgdump, so there is nothing to compare
+        # with: kvdaemon answers in the form memcached uses for metadump.
+        service, port = yield start_server(self, Settings(threads=2, allow_dumps=False))
+        fill_store(service.factory.store, b"k", 5, 10)
+        with capturedLogs() as events:
+            reply = yield threads.deferToThread(exchange, port, b"lru_crawler mgdump all\r\nrget 1 1 1 k\r\n")
+        self.assertEqual(reply[: len(b"ERROR mgdump not allowed\r\n")], b"ERROR mgdump not allowed\r\n")
+        # Range reads stay enabled.
+        self.assertTrue(reply.endswith(b"END\r\n"))
+        rejections = [event for event in events if "key dumps are disabled" in event.get("log_format", "")]
+        self.assertEqual(len(rejections), 1)
+        self.assertTrue(rejections[0]["peer"].startswith("tcp:127.0.0.1:"))
+        self.assertIn(b"STAT dump_enabled no\r\n", (yield threads.deferToThread(exchange, port, b"stats settings\r\n")))
 
 
 class StreamingBehaviourTests(TestCase):

@@ -94,7 +94,7 @@ class TwistdServerTests(SynchronousTestCase):
         self.assertIn("kvdaemon stopped", log)
 
     def test_options_reach_server(self) -> None:
-        process, port = self.start("--max-memory", "2", "--threads", "3", "--max-item-size", "4096", "--disable-flush")
+        process, port = self.start("--max-memory", "2", "--threads", "3", "--max-item-size", "4096", "--disable-flush-all")
         client = Client(("127.0.0.1", port), timeout=10, connect_timeout=10, default_noreply=False)
         try:
             stats = client.stats()
@@ -146,7 +146,9 @@ class TwistdOptionTests(SynchronousTestCase):
             "--max-scans=",
             "--scan-lifetime=",
             "--sasl-file=",
-            "--disable-flush",
+            "--disable-flush-all",
+            "--disable-dumps",
+            "--auth-file=",
         ]:
             self.assertIn(option, result.stdout)
         self.assertIn("tcp:11211:interface=127.0.0.1", result.stdout)
