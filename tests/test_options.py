@@ -153,3 +153,23 @@ class AccessOptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as raised:
             parse("--auth-file", path, "--sasl-file", path)
         self.assertIn("cannot be combined", str(raised.exception))
+
+
+class DefaultExposureTests(SynchronousTestCase):
+    def test_default_listens_on_loopback_tcp_only(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        memory_reactor = MemoryReactorClock()
+        service = KVDaemonService(reactor=memory_reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        self.assertEqual(service.listen, [DEFAULT_LISTEN])
+        self.assertEqual([(port, interface) for port, _, _, interface in memory_reactor.tcpServers], [(11211, "127.0.0.1")])
+        self.assertEqual(memory_reactor.sslServers, [])
+        self.assertEqual(memory_reactor.unixServers, [])
+
+    def test_udp_listen_rejected(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--listen", "udp:11211")
+        self.assertIn("Invalid --listen endpoint 'udp:11211'", str(raised.exception))
