@@ -350,7 +350,7 @@ class BinaryHandler:
         if not self._header_acceptable(opcode, opaque, key_length, extras_length, body_length, command):
             return end
         if command is None:
-            self.log.debug("Unknown binary opcode 0x{opcode:02x} from {peer}", opcode=opcode, peer=self.connection.peer)
+            self.log.info("Unknown binary opcode 0x{opcode:02x} from {peer}", opcode=opcode, peer=self.connection.peer)
             self.connection.write(
                 pack_response(opcode, opaque, Status.UNKNOWN_COMMAND, value=ERROR_TEXT[Status.UNKNOWN_COMMAND])
             )
@@ -598,6 +598,11 @@ class BinaryHandler:
             setattr(self.stats, name + "_hits", getattr(self.stats, name + "_hits") + 1)
             self.send_success(request, value=_COUNTER_VALUE.pack(value), cas=cas)
         elif result == StoreResult.NON_NUMERIC:
+            self.log.info(
+                "Rejected {command} from {peer}: the value is not a number",
+                command=name,
+                peer=self.connection.peer,
+            )
             self.send_error(request, Status.DELTA_BADVAL)
         elif result == StoreResult.EXISTS:
             self.send_error(request, Status.KEY_EEXISTS)

@@ -430,7 +430,7 @@ class RangeCommands:
         self.handler = handler
 
     def rget(self, parts: list[bytes]) -> None:
-        key_range = self._parse_range(parts)
+        key_range = parse_range(parts)
         job = RangeReadJob(self.handler.store, key_range, format_value, END)
         self._start(job)
 
@@ -443,12 +443,8 @@ class RangeCommands:
         if not 5 <= len(parts) <= 6:
             raise ProtocolError(ERROR)
         if not self.handler.settings.allow_destructive:
-            self.log.info(
-                "Rejected rdelete from {peer}: destructive commands are disabled",
-                peer=self.handler.connection.peer,
-            )
             raise ProtocolError(RDELETE_NOT_ALLOWED)
-        key_range = self._parse_range(parts)
+        key_range = parse_range(parts)
         format_reply = format_nothing if self.handler.noreply else format_deleted
         job = RangeDeleteJob(self.handler.store, key_range, format_reply, self._count_deleted)
         peer = self.handler.connection.peer
@@ -479,11 +475,6 @@ class RangeCommands:
             # with -X; mgdump gets the same form.
             raise ProtocolError(b"ERROR %s not allowed\r\n" % dump)
         if self.handler.follows_reply:
-            self.log.info(
-                "Rejected lru_crawler {dump} from {peer}: pipelined behind other commands",
-                dump=dump.decode(),
-                peer=self.handler.connection.peer,
-            )
             raise ProtocolError(b"ERROR cannot pipeline other commands before %s\r\n" % dump)
         class_ids = parse_class_ids(parts[2])
         if dump == b"metadump":
@@ -494,18 +485,6 @@ class RangeCommands:
             format_line = _class_filter(format_line, class_ids)
         job = RangeReadJob(self.handler.store, ALL_KEYS, format_line, trailer)
         self._start(job)
-
-    def _parse_range(self, parts: list[bytes]) -> KeyRange:
-        try:
-            return parse_range(parts)
-        except ProtocolError as error:
-            self.log.info(
-                "Rejected {command} from {peer}: {reply}",
-                command=parts[0].decode(),
-                peer=self.handler.connection.peer,
-                reply=error.reply.rstrip().decode(),
-            )
-            raise
 
     def _count_deleted(self, count: int) -> None:
         self.handler.stats.range_items_deleted += count

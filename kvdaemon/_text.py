@@ -61,7 +61,12 @@ _U64_MAX = 2**64 - 1
 
 
 class ProtocolError(Exception):
-    """A request memcached rejects; ``reply`` is sent to the client."""
+    """
+    A request memcached rejects; ``reply`` is sent to the client.
+
+    :meth:`TextHandler.process` logs each one with the peer address, so
+    code that raises it does not log the rejection itself.
+    """
 
     def __init__(self, reply: bytes) -> None:
         super().__init__(reply)
@@ -210,6 +215,7 @@ class TextHandler:
             self.follows_reply = previous_command is not None and previous_command not in _FLUSHING_COMMANDS
             previous_command = parts[0] if parts else b""
             if not parts:
+                self.log.info("Empty request line from {peer}", peer=connection.peer)
                 connection.write(ERROR)
                 offset = eol + 1
                 continue
@@ -220,14 +226,14 @@ class TextHandler:
                     self.log.info("Closing {peer}: it sent an HTTP request", peer=connection.peer)
                     connection.close()
                     return eol + 1
-                self.log.debug("Unknown command from {peer}: {line!r}", peer=connection.peer, line=line[:64])
+                self.log.info("Unknown command from {peer}: {line!r}", peer=connection.peer, line=line[:64])
                 connection.write(ERROR)
                 offset = eol + 1
                 continue
             try:
                 data_request = command(parts)
             except ProtocolError as error:
-                self.log.debug(
+                self.log.info(
                     "Rejected {command!r} from {peer}: {reply!r}",
                     command=parts[0],
                     peer=connection.peer,
@@ -461,6 +467,11 @@ class TextHandler:
             setattr(self.stats, name + "_misses", getattr(self.stats, name + "_misses") + 1)
             self.reply(b"NOT_FOUND\r\n")
         elif result == StoreResult.NON_NUMERIC:
+            self.log.info(
+                "Rejected {command} from {peer}: the value is not a number",
+                command=name,
+                peer=self.connection.peer,
+            )
             self.reply(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n")
         else:
             setattr(self.stats, name + "_hits", getattr(self.stats, name + "_hits") + 1)

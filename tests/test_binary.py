@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings
@@ -361,6 +361,14 @@ class CounterTests(BinaryTestCase):
         self.assert_error(self.send_one(request(INCR, b"c", counter_extras(1))), INCR, NON_NUMERIC)
         self.assert_error(self.send_one(request(INCRQ, b"c", counter_extras(1))), INCRQ, NON_NUMERIC)
 
+    def test_incr_non_numeric_logged_with_peer(self) -> None:
+        self.set_item(b"c", b"abc")
+        with capturedLogs() as events:
+            self.send_one(request(DECR, b"c", counter_extras(1)))
+        logged = [event for event in events if event.get("peer") == "tcp:127.0.0.1:40000"]
+        self.assertEqual([event["command"] for event in logged], ["decr"])
+        self.assertEqual(logged[0]["log_level"], LogLevel.info)
+
     def test_incr_with_cas(self) -> None:
         cas = self.set_item(b"c", b"1")
         self.assert_error(self.send_one(request(INCR, b"c", counter_extras(1), cas=cas + 1)), INCR, EXISTS)
@@ -508,6 +516,13 @@ class UnknownOpcodeTests(BinaryTestCase):
         self.assert_error(responses[0], 0x51, UNKNOWN)
         self.assertEqual(responses[1].opcode, NOOP)
         self.assertEqual(len(responses), 2)
+
+    def test_unknown_opcode_logged_once_at_info(self) -> None:
+        with capturedLogs() as events:
+            self.send(request(0x50, b"key", b"", b"value"))
+        logged = [event for event in events if event.get("peer") == "tcp:127.0.0.1:40000"]
+        self.assertEqual([event["opcode"] for event in logged], [0x50])
+        self.assertEqual(logged[0]["log_level"], LogLevel.info)
 
     def test_sasl_opcodes_unknown_when_sasl_off(self) -> None:
         responses = self.send(request(SASL_LIST) + request(SASL_AUTH, b"PLAIN", b"", b"\0a\0b") + NOOP_PACKET)

@@ -9,7 +9,7 @@ fake clock, so every test is synchronous and deterministic.
 from __future__ import annotations
 
 from hypothesis import given, settings as hypothesis_settings, strategies as st
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings
@@ -492,6 +492,13 @@ class ArithmeticTests(TextTestCase):
             self.assertEqual(self.send(b"incr n 1\r\n"), NON_NUMERIC, value)
             self.assertEqual(self.send(b"decr n 1\r\n"), NON_NUMERIC, value)
 
+    def test_non_numeric_value_logged_with_peer(self) -> None:
+        self.send(b"set n 0 0 3\r\nabc\r\n")
+        with capturedLogs() as events:
+            self.send(b"incr n 1\r\n")
+        logged = [event for event in events if event.get("peer") == "tcp:127.0.0.1:40000"]
+        self.assertEqual([event["command"] for event in logged], ["incr"])
+
     def test_value_read_like_strtoull(self) -> None:
         self.send(b"set n 0 0 8\r\n 5 apple\r\n")
         self.assertEqual(self.send(b"incr n 1\r\n"), b"6\r\n")
@@ -781,6 +788,14 @@ class BadInputTests(TextTestCase):
     def test_http_request_closes(self) -> None:
         self.assertEqual(self.send(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"), b"")
         self.assertTrue(self.client.closed)
+
+    def test_each_rejection_logged_once_at_info(self) -> None:
+        requests = [b"\r\n", b"   \r\n", b"foo\r\n", b"get\r\n", b"verbosity x noreply\r\n", b"rget 2 0 1 a\r\n"]
+        for line in requests:
+            with capturedLogs() as events:
+                self.send(line)
+            logged = [event for event in events if event.get("peer") == "tcp:127.0.0.1:40000"]
+            self.assertEqual([event["log_level"] for event in logged], [LogLevel.info], line)
 
     def test_bad_input_logged_with_peer(self) -> None:
         with capturedLogs() as events:
