@@ -466,11 +466,6 @@ class RangeCommands:
             raise ProtocolError(ERROR)
         dump = parts[1]
         if not self.handler.settings.allow_dumps:
-            self.log.info(
-                "Rejected lru_crawler {dump} from {peer}: key dumps are disabled",
-                dump=dump.decode(),
-                peer=self.handler.connection.peer,
-            )
             # memcached 1.6 sends "ERROR metadump not allowed" when started
             # with -X; mgdump gets the same form.
             raise ProtocolError(b"ERROR %s not allowed\r\n" % dump)
