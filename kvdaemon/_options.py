@@ -116,6 +116,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         [
+            "enable-shutdown",
+            None,
+            "Let a client stop the server with the text command shutdown, as memcached -A does; the server then"
+            " stops as on SIGTERM.",
+        ],
+        [
             "benchmark-unbounded-spool",
             None,
             "For benchmarks only: turn off the --stream-buffer cap and backpressure, so a client that stops"
@@ -148,6 +154,7 @@ class Options(usage.Options):
             ),
             stall_timeout=_bounded("stall-timeout", self["stall-timeout"], 0.1, 86400, "seconds", float),
             shutdown_grace=_bounded("shutdown-grace", self["shutdown-grace"], 0, 3600, "seconds", float),
+            enable_shutdown=bool(self["enable-shutdown"]),
             max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
             max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),
             scan_lifetime=_bounded("scan-lifetime", self["scan-lifetime"], 1, 86400, "seconds", float),
@@ -212,5 +219,5 @@ def _stop_reactor(reactor: Any) -> None:
     try:
         reactor.stop()
     except ReactorNotRunning:
-        # An earlier SIGTERM is already stopping it.
+        # A second SIGTERM, or a shutdown command, is already stopping it.
         pass

@@ -1,7 +1,8 @@
 """
 Tests for stopping kvdaemon: ``KVDaemonService.stopService`` stepped with
 fakes (idle connections, a connection with output still pending, a running
-stream), and ``twistd kvdaemon`` stopped under load by SIGTERM.
+stream), the text ``shutdown`` command against memcached 1.6.18, and
+``twistd kvdaemon`` stopped under load by SIGTERM or by ``shutdown``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer, threads
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from kvdaemon import KVDaemonService, Settings
+from kvdaemon import KVDaemonFactory, KVDaemonService, Settings
 from kvdaemon._options import Options
-from tests.support import Client, FakeReactor, FakeThreadPool, free_port, send_and_read, wait_for_port
+from tests.binary_packets import request
+from tests.support import (
+    Client,
+    FakeReactor,
+    FakeThreadPool,
+    MemcachedProcess,
+    exchange,
+    free_port,
+    send_and_read,
+    start_server,
+    wait_for_port,
+)
 from tests.test_reference import parse_stats
 from tests.test_twistd import REPOSITORY, TWISTD
 
@@ -41,6 +55,9 @@ reactor.run()
 assert not service.threadpool.started
 print("exited")
 """
+
+NOT_ENABLED = b"ERROR: shutdown not enabled\r\n"
+INVALID_MODE = b"CLIENT_ERROR invalid shutdown mode\r\n"
 
 
 class ReactorShutdownTests(TestCase):
@@ -226,8 +243,75 @@ class GracefulStopTests(SynchronousTestCase):
         self.assertEqual(self.reactor.system_triggers, {})
 
 
+class StoppingReactor(FakeReactor):
+    """A stepped reactor that records ``stop`` calls, and raises as a real one does when stopped twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_calls = 0
+
+    def stop(self) -> None:
+        self.stop_calls += 1
+        if self.stop_calls > 1:
+            raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+
+class ShutdownCommandTests(SynchronousTestCase):
+    """The text ``shutdown`` command on StringTransport."""
+
+    def client(self, **settings: Any) -> Client:
+        self.reactor = StoppingReactor()
+        factory = KVDaemonFactory(Settings(threads=1, **settings), reactor=self.reactor, threadpool=FakeThreadPool())
+        return Client(factory)
+
+    def test_disabled_replies_error(self) -> None:
+        client = self.client()
+        for line in [b"shutdown", b"shutdown graceful", b"shutdown foo", b"shutdown noreply"]:
+            self.assertEqual(client.send(line + b"\r\n"), NOT_ENABLED, line)
+        self.assertFalse(client.closed)
+        self.assertEqual(self.reactor.stop_calls, 0)
+
+    def test_enabled_stops_reactor(self) -> None:
+        for line in [b"shutdown", b"shutdown graceful", b"shutdown  graceful "]:
+            client = self.client(enable_shutdown=True)
+            with capturedLogs() as events:
+                reply = client.send(line + b"\r\n")
+            self.assertEqual(reply, b"", line)
+            self.assertTrue(client.closed, line)
+            self.assertFalse(client.transport.disconnected, line)
+            self.assertEqual(self.reactor.stop_calls, 1, line)
+            requests = [event for event in events if "shutdown requested" in event.get("log_format", "")]
+            self.assertEqual([event["peer"] for event in requests], ["tcp:127.0.0.1:40000"], line)
+
+    def test_enabled_invalid_mode(self) -> None:
+        client = self.client(enable_shutdown=True)
+        for line in [b"shutdown foo", b"shutdown noreply", b"shutdown graceful x", b"shutdown graceful noreply"]:
+            self.assertEqual(client.send(line + b"\r\n"), INVALID_MODE, line)
+        self.assertFalse(client.closed)
+        self.assertEqual(self.reactor.stop_calls, 0)
+
+    def test_earlier_replies_sent_later_requests_dropped(self) -> None:
+        client = self.client(enable_shutdown=True)
+        reply = client.send(b"set a 0 0 1\r\nx\r\nshutdown\r\nget a\r\n")
+        self.assertEqual(reply, b"STORED\r\n")
+        self.assertTrue(client.closed)
+
+    def test_second_request_while_stopping(self) -> None:
+        first = self.client(enable_shutdown=True)
+        second = Client(first.protocol.factory, 40001)
+        first.send(b"shutdown\r\n")
+        self.assertEqual(second.send(b"shutdown graceful\r\n"), b"")
+        self.assertTrue(second.closed)
+        self.assertEqual(self.reactor.stop_calls, 2)
+
+    def test_stats_settings_shows_switch(self) -> None:
+        for enabled, expected in [(False, b"no"), (True, b"yes")]:
+            reply = self.client(enable_shutdown=enabled).send(b"stats settings\r\n")
+            self.assertIn(b"STAT shutdown_command " + expected + b"\r\n", reply)
+
+
 class ShutdownOptionTests(SynchronousTestCase):
-    """``--shutdown-grace`` on the command line."""
+    """``--enable-shutdown`` and ``--shutdown-grace`` on the command line."""
 
     def parse(self, *arguments: str) -> Settings:
         options = Options()
@@ -236,10 +320,12 @@ class ShutdownOptionTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         settings = self.parse()
+        self.assertFalse(settings.enable_shutdown)
         self.assertEqual(settings.shutdown_grace, 5.0)
 
     def test_values_reach_settings(self) -> None:
-        settings = self.parse("--shutdown-grace", "0.5")
+        settings = self.parse("--enable-shutdown", "--shutdown-grace", "0.5")
+        self.assertIs(settings.enable_shutdown, True)
         self.assertEqual(settings.shutdown_grace, 0.5)
 
     def test_invalid_grace_rejected(self) -> None:
@@ -250,6 +336,48 @@ class ShutdownOptionTests(SynchronousTestCase):
                 self.parse("--shutdown-grace", value)
             self.assertIn("--shutdown-grace", str(raised.exception))
             self.assertIn("from 0 to 3600 seconds", str(raised.exception))
+
+
+#: memcached 1.6.18 has no binary shutdown command: with or without ``-A``
+#: it replies "Unknown command" to Couchbase's shutdown opcode 0x29, and
+#: to 0x2c.
+SHUTDOWN_OPCODES = [0x29, 0x2C]
+
+
+class ShutdownReferenceTests(TestCase):
+    """``shutdown`` against memcached 1.6.18, with and without memcached's ``-A``."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def compare(self, memcached_args: tuple[str, ...], settings: Settings, requests: list[bytes]):
+        memcached = MemcachedProcess(*memcached_args)
+        self.addCleanup(memcached.stop)
+        _, port = yield start_server(self, settings)
+        for data in requests:
+            reference = yield threads.deferToThread(exchange, memcached.port, data)
+            ours = yield threads.deferToThread(exchange, port, data)
+            self.assertEqual(ours, reference, data)
+        self.assertIsNone(memcached.process.poll())
+
+    @defer.inlineCallbacks
+    def test_disabled_matches_memcached(self):
+        text = [b"shutdown\r\n", b"shutdown graceful\r\n", b"shutdown foo\r\n", b"shutdown noreply\r\n", b"SHUTDOWN\r\n"]
+        binary = [request(opcode, opaque=0x01020304) for opcode in SHUTDOWN_OPCODES]
+        yield self.compare((), Settings(threads=1), text + binary)
+
+    @defer.inlineCallbacks
+    def test_invalid_modes_match_memcached(self):
+        text = [
+            b"shutdown foo\r\n",
+            b"shutdown noreply\r\n",
+            b"shutdown graceful x\r\n",
+            b"shutdown graceful noreply\r\n",
+            b"version\r\nshutdown bogus\r\nversion\r\n",
+        ]
+        binary = [request(opcode, opaque=0x01020304) for opcode in SHUTDOWN_OPCODES]
+        # Both servers report version 1.6.18, so the version replies match.
+        yield self.compare(("-A",), Settings(threads=1, enable_shutdown=True), text + binary)
 
 
 def read_until_closed(connection: socket.socket) -> tuple[bytes, bool]:
@@ -378,7 +506,7 @@ class LoadWorker(threading.Thread):
 
 
 class TwistdStopTests(SynchronousTestCase):
-    """``twistd kvdaemon`` stopped by SIGTERM under load."""
+    """``twistd kvdaemon`` stopped by SIGTERM under load, and by the ``shutdown`` command."""
 
     def fill_range(self, port: int, count: int, size: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
@@ -465,4 +593,27 @@ class TwistdStopTests(SynchronousTestCase):
         log = server.log()
         self.assertEqual(stopped_counts(log), [(7, 1)], log)
         self.assertIn("Received SIGTERM", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_shutdown_command_exits_zero(self) -> None:
+        server = TwistdProcess(self, "--enable-shutdown")
+        memcached = MemcachedProcess("-A")
+        self.addCleanup(memcached.stop)
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.addCleanup(idle.close)
+        self.assertEqual(send_and_read(idle, b"version\r\n")[:8], b"VERSION ")
+
+        results = []
+        for port in [memcached.port, server.port]:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+                connection.sendall(b"shutdown\r\n")
+                results.append(read_until_closed(connection)[0])
+        self.assertEqual(results, [b"", b""])
+
+        self.assertEqual(read_until_closed(idle), (b"", False))
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(memcached.process.wait(60), 0)
+        log = server.log()
+        self.assertRegex(log, r"shutdown requested by tcp:127\.0\.0\.1:\d+")
+        self.assertEqual(stopped_counts(log), [(1, 0)], log)
         self.assertNotIn("Traceback", log)

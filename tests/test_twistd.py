@@ -147,6 +147,7 @@ class TwistdOptionTests(SynchronousTestCase):
             "--scan-lifetime=",
             "--sasl-file=",
             "--disable-flush",
+            "--enable-shutdown",
             "--shutdown-grace=",
         ]:
             self.assertIn(option, result.stdout)
