@@ -550,11 +550,13 @@ class TwistdStopTests(SynchronousTestCase):
             self.assertIsNone(worker.error)
 
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as observer:
-            for _ in range(600):
+            # Wait until the server has seen the earlier clients close.
+            # The observer itself is one of the 7 connections.
+            for _ in range(1000):
                 counters = stats(observer)
-                # The observer itself is one of the connections.
                 if counters[b"curr_connections"] == b"7" and counters[b"streams_running"] == b"1":
                     break
+                time.sleep(0.01)
             self.assertEqual(counters[b"streams_running"], b"1")
             self.assertEqual(counters[b"curr_connections"], b"7")
             os.kill(server.process.pid, signal.SIGTERM)
