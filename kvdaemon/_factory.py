@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -72,6 +72,9 @@ class KVDaemonFactory(protocol.Factory):
         #: Per-server state that the binary protocol's resumable scans keep.
         self.scans: Any = None
         self._last_connection_id = 0
+        #: Deferreds of :meth:`close_connections` calls, fired once no
+        #: connection is left.
+        self._all_closed: list[defer.Deferred[None]] = []
 
     def reset_stats(self) -> None:
         """Zero the counters that ``stats reset`` clears, keeping gauges such as open connections."""
@@ -121,8 +124,46 @@ class KVDaemonFactory(protocol.Factory):
         if connection in self.connections:
             self.connections.discard(connection)
             self.stats.curr_connections -= 1
+        if not self.connections and self._all_closed:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
 
     def cancel_streams(self) -> None:
         """Cancel every running stream, for example at shutdown."""
         for stream in list(self.streams):
             stream.cancel()
+
+    def close_connections(self, grace_period: float) -> defer.Deferred[None]:
+        """
+        Close every connection once the replies already written to it have
+        been sent, and abort the connections still open ``grace_period``
+        seconds later: a client that reads nothing never takes its replies.
+
+        :return: a Deferred that fires once no connection is left.
+        """
+        for connection in list(self.connections):
+            connection.close()
+        if not self.connections:
+            return defer.succeed(None)
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._all_closed.append(closed)
+        timer = self.reactor.callLater(grace_period, self._abort_connections, grace_period)
+
+        def stop_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        closed.addCallback(stop_timer)
+        return closed
+
+    def _abort_connections(self, grace_period: float) -> None:
+        self.log.warn(
+            "Aborting {count} connections still open {grace_period} seconds after closing began: {peers}",
+            count=len(self.connections),
+            grace_period=grace_period,
+            peers=", ".join(sorted(connection.peer for connection in self.connections)),
+        )
+        for connection in list(self.connections):
+            connection.abort()

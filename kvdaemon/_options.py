@@ -6,13 +6,19 @@ service it builds.
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger
 from twisted.python import usage
 
 from kvdaemon._service import DEFAULT_LISTEN, KVDaemonService
 from kvdaemon._settings import MiB, Settings
+
+log = Logger()
 
 
 def _bounded(name: str, value: str, low: float, high: float, unit: str, kind: type = int) -> Any:
@@ -87,6 +93,13 @@ class Options(usage.Options):
         ["max-scans", None, "64", "Open resumable range scans (binary protocol) at once (1 to 100000)."],
         ["scan-lifetime", None, "60", "Seconds an idle resumable range scan is kept (1 to 86400)."],
         [
+            "shutdown-grace",
+            None,
+            "5",
+            "Seconds a stopping server waits for clients to read the replies already sent to them before it"
+            " drops their connections (0 to 3600).",
+        ],
+        [
             "switch-interval",
             None,
             "0.5",
@@ -110,6 +123,12 @@ class Options(usage.Options):
         ],
     ]
     optFlags = [
+        [
+            "enable-shutdown",
+            "A",
+            "Let a client stop the server with the text command shutdown, as memcached -A does; the server then"
+            " stops as on SIGTERM.",
+        ],
         [
             "benchmark-unbounded-spool",
             None,
@@ -159,6 +178,8 @@ class Options(usage.Options):
                 else _bounded("stream-buffer", self["stream-buffer"], 4096, 64 * MiB, "bytes")
             ),
             stall_timeout=_bounded("stall-timeout", self["stall-timeout"], 0.1, 86400, "seconds", float),
+            shutdown_grace=_bounded("shutdown-grace", self["shutdown-grace"], 0, 3600, "seconds", float),
+            enable_shutdown=bool(self["enable-shutdown"]),
             max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
             max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),
             scan_lifetime=_bounded("scan-lifetime", self["scan-lifetime"], 1, 86400, "seconds", float),
@@ -199,3 +220,31 @@ def make_service(options: Options) -> KVDaemonService:
     """
     sys.setswitchinterval(options["switch-interval"] / 1000.0)
     return KVDaemonService(options["settings"], options["listen"])
+
+
+def stop_on_sigterm(reactor: Any) -> None:
+    """
+    Make SIGTERM stop the reactor without twistd re-raising the signal
+    when the process exits, so that ``twistd kvdaemon`` exits with status 0
+    after a clean stop, as memcached 1.6.18 does.
+
+    twistd records the signal in the reactor's own SIGTERM handler and
+    re-raises it once the reactor has stopped.  This replaces that handler
+    once the reactor runs (the reactor installs its handlers as it starts),
+    so it is for the daemon only: a program that embeds the service keeps
+    its own signal handling.
+    """
+
+    def stop(number: int, frame: FrameType | None) -> None:
+        log.info("Received SIGTERM, stopping")
+        reactor.callFromThread(_stop_reactor, reactor)
+
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop)
+
+
+def _stop_reactor(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        # A second SIGTERM, or a shutdown command, is already stopping it.
+        pass

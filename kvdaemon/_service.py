@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_service,tests.test_service_shutdown -*-
 """
 The kvdaemon service: listening endpoints, the worker pool and the factory,
 started and stopped together, for ``twistd kvdaemon`` or any Twisted
@@ -29,11 +29,13 @@ class KVDaemonService(service.Service):
     A kvdaemon server as a Twisted service.
 
     ``startService`` starts the worker pool and listens on every endpoint.
-    ``stopService`` stops listening, cancels running streams and then stops
-    the pool, without waiting for any client.  The pool is the service's
-    own, never the reactor's shared one.  Connections with no stream
-    running stay open after ``stopService``, as they do when any Twisted
-    port stops listening; the reactor closes them when it stops.
+    ``stopService`` stops listening, cancels running streams (aborting
+    their connections, so their clients get truncated replies), stops the
+    pool and closes every other connection once the replies already
+    written to it have been sent.  Connections still open
+    ``settings.shutdown_grace`` seconds later are aborted, so a client
+    that reads nothing cannot hold the process.  The pool is the
+    service's own, never the reactor's shared one.
 
     :param settings: limits and switches.
     :param listen: Twisted server endpoint descriptions, such as
@@ -113,9 +115,31 @@ class KVDaemonService(service.Service):
             self.factory.tcp_port = tcp_port
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop listening, cancel every stream and stop the pool."""
+        """
+        Stop listening, cancel every stream, stop the pool and close every
+        connection.
+
+        :return: a Deferred that fires once the ports have stopped
+            listening and every connection is closed.  It waits for the
+            pool's threads to finish their current steps, then at most
+            ``settings.shutdown_grace`` seconds for the connections.
+        """
         super().stopService()
-        return self._stop_listening_and_pool()
+        # Connections already closing, such as the one that sent a
+        # shutdown command, are not counted as closed by the stop.
+        connections = sum(1 for connection in self.factory.connections if not connection.closing)
+        streams = len(self.factory.streams)
+        stopped = self._stop_listening_and_pool()
+        closed = self.factory.close_connections(self.settings.shutdown_grace)
+        d = defer.gatherResults([stopped, closed], consumeErrors=True)
+        d.addCallback(
+            lambda _: self.log.info(
+                "kvdaemon stopped: closed {connections} connections and cancelled {streams} streams",
+                connections=connections,
+                streams=streams,
+            )
+        )
+        return d
 
     def _stop_pool(self) -> None:
         if self.threadpool.started:
@@ -131,6 +155,4 @@ class KVDaemonService(service.Service):
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        d = defer.gatherResults(stopped, consumeErrors=True)
-        d.addCallback(lambda _: self.log.info("kvdaemon stopped"))
-        return d
+        return defer.gatherResults(stopped, consumeErrors=True)

@@ -40,6 +40,14 @@ class Settings:
     #: Bytes of received but unprocessed input after which a connection
     #: stops reading from its socket.
     max_pending_input: int = 2 * MiB
+    #: Seconds that stopping the service waits for clients to read the
+    #: replies already written to them.  Connections still open then are
+    #: aborted.
+    shutdown_grace: float = 5.0
+    #: Whether the text ``shutdown`` command stops the reactor, and with it
+    #: the process (memcached's ``-A``).  When false, the command gets
+    #: memcached's ``ERROR: shutdown not enabled``.
+    enable_shutdown: bool = False
     #: Whether ``flush_all`` and range deletes are served; when false they
     #: get an error reply and no data is destroyed.
     allow_destructive: bool = True

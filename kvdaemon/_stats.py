@@ -146,6 +146,7 @@ def settings_stats(settings, listen: list[str], verbosity: int, tcp_port: int = 
         ("listen", ",".join(listen) or "none"),
         ("verbosity", verbosity),
         ("evictions", "on"),
+        ("shutdown_command", "yes" if settings.enable_shutdown else "no"),
         ("cas_enabled", "yes"),
         ("item_size_max", settings.max_item_size),
         ("flush_enabled", "yes" if settings.allow_destructive else "no"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Callable
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from kvdaemon import _stats
@@ -171,6 +172,7 @@ class TextHandler:
             b"version": self.cmd_version,
             b"verbosity": self.cmd_verbosity,
             b"quit": self.cmd_quit,
+            b"shutdown": self.cmd_shutdown,
             b"stats": self.cmd_stats,
         }
         self._register_extensions()
@@ -521,6 +523,24 @@ class TextHandler:
 
     def cmd_quit(self, parts: list[bytes]) -> None:
         self.connection.close()
+
+    def cmd_shutdown(self, parts: list[bytes]) -> None:
+        # memcached 1.6.18 ignores noreply here and closes the connection
+        # without a reply.  It also drops replies still queued for earlier
+        # requests in the same read, which kvdaemon sends first.
+        if not self.settings.enable_shutdown:
+            raise ProtocolError(b"ERROR: shutdown not enabled\r\n")
+        if parts[1:] not in ([], [b"graceful"]):
+            raise ProtocolError(b"CLIENT_ERROR invalid shutdown mode\r\n")
+        self.log.info("Stopping the server: shutdown requested by {peer}", peer=self.connection.peer)
+        self.connection.close()
+        try:
+            # The service stops the same way as on SIGTERM: twistd stops
+            # its services before the reactor stops.
+            self.factory.reactor.stop()
+        except ReactorNotRunning:
+            # An earlier shutdown request or signal is already stopping it.
+            pass
 
     def cmd_stats(self, parts: list[bytes]) -> None:
         factory = self.factory

@@ -70,12 +70,14 @@ class ServiceLifecycleTests(TestCase):
         self.assertEqual(service.ports, [])
         self.assertFalse(service.threadpool.started)
         self.assertEqual(service.threadpool.threads, [])
-        self.assertTrue(any(event.get("log_format") == "kvdaemon stopped" for event in events))
+        stopped = [event for event in events if event.get("log_format", "").startswith("kvdaemon stopped")]
+        self.assertEqual(len(stopped), 1)
+        self.assertEqual((stopped[0]["connections"], stopped[0]["streams"]), (0, 0))
         with self.assertRaises(ConnectionRefusedError):
             connect(port).close()
 
     @defer.inlineCallbacks
-    def test_stop_with_idle_client(self):
+    def test_stop_closes_idle_client(self):
         service = self.make_service("tcp:0:interface=127.0.0.1")
         service.startService()
         port = service.ports[0].getHost().port
@@ -84,6 +86,8 @@ class ServiceLifecycleTests(TestCase):
         yield threads.deferToThread(send_and_read, idle, b"version\r\n")
         yield service.stopService()
         self.assertFalse(service.threadpool.started)
+        self.assertEqual(service.factory.connections, set())
+        self.assertEqual((yield threads.deferToThread(read_until_closed, idle)), b"")
 
     def test_own_pool_not_reactor_pool(self):
         service = self.make_service("tcp:0:interface=127.0.0.1", threads=3)
