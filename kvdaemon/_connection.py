@@ -161,6 +161,12 @@ class Connection(protocol.Protocol):
         self.process_input()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if reason.check("OpenSSL.SSL.Error"):
+            # Twisted's TLS layer closes the connection itself when OpenSSL
+            # fails, for example on a client that sends plain text to an
+            # ssl: endpoint, and reports the error only here.  The name is
+            # a string so that pyOpenSSL stays optional.
+            self.log.info("Closed {peer} after a TLS error: {error}", peer=self.peer, error=reason.value)
         self.closing = True
         if self.stream is not None:
             self.stream.cancel()

@@ -42,41 +42,55 @@ def run_twistd(*plugin_arguments: str) -> subprocess.CompletedProcess:
     )
 
 
+def spawn_twistd(testcase: SynchronousTestCase, port: int, *plugin_arguments: str) -> subprocess.Popen:
+    """
+    Start ``twistd kvdaemon`` with ``plugin_arguments`` and wait until
+    something accepts connections on ``port``.  The process is killed by
+    its pid when ``testcase`` ends, unless it has exited.
+    """
+    process = subprocess.Popen(
+        twistd_command(*plugin_arguments),
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def kill() -> None:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.communicate(timeout=20)
+
+    testcase.addCleanup(kill)
+    wait_for_port(port, timeout=30)
+    return process
+
+
+def stop_twistd(testcase: SynchronousTestCase, process: subprocess.Popen) -> str:
+    """
+    Send SIGTERM to ``process`` by its pid and check that twistd shut down
+    cleanly; return its log.
+    """
+    os.kill(process.pid, signal.SIGTERM)
+    log, _ = process.communicate(timeout=30)
+    # kvdaemon's own SIGTERM handler keeps twistd from re-raising the
+    # signal at exit, so the process exits 0, as memcached 1.6.18 does.
+    testcase.assertEqual(process.returncode, 0, log)
+    testcase.assertIn("Server Shut Down.", log)
+    testcase.assertNotIn("Traceback", log)
+    return log
+
+
 class TwistdServerTests(SynchronousTestCase):
     """A ``twistd kvdaemon`` process on a free port of 127.0.0.1."""
 
     def start(self, *plugin_arguments: str) -> tuple[subprocess.Popen, int]:
         port = free_port()
-        process = subprocess.Popen(
-            twistd_command("--listen", "tcp:%d:interface=127.0.0.1" % port, *plugin_arguments),
-            cwd=REPOSITORY,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-        def kill() -> None:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-                process.communicate(timeout=20)
-
-        self.addCleanup(kill)
-        wait_for_port(port, timeout=30)
+        process = spawn_twistd(self, port, "--listen", "tcp:%d:interface=127.0.0.1" % port, *plugin_arguments)
         return process, port
 
     def stop(self, process: subprocess.Popen) -> str:
-        """
-        Send SIGTERM to ``process`` by its pid and check that twistd shut
-        down cleanly; return its log.
-        """
-        os.kill(process.pid, signal.SIGTERM)
-        log, _ = process.communicate(timeout=30)
-        # kvdaemon's own SIGTERM handler keeps twistd from re-raising the
-        # signal at exit, so the process exits 0, as memcached 1.6.18 does.
-        self.assertEqual(process.returncode, 0, log)
-        self.assertIn("Server Shut Down.", log)
-        self.assertNotIn("Traceback", log)
-        return log
+        return stop_twistd(self, process)
 
     def test_serves_clients_and_stops_cleanly(self) -> None:
         process, port = self.start()
