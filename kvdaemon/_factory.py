@@ -12,7 +12,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from kvdaemon._connection import Connection
+from kvdaemon._connection import Connection, describe_address
 from kvdaemon._settings import Settings
 from kvdaemon._stats import Stats
 from kvdaemon._store import Store
@@ -100,7 +100,7 @@ class KVDaemonFactory(protocol.Factory):
             self.stats.rejected_connections += 1
             self.log.warn(
                 "Rejected a connection from {peer}: {limit} connections already open",
-                peer=addr,
+                peer=describe_address(addr),
                 limit=self.settings.max_connections,
             )
             rejected = _TooManyConnections()
