@@ -146,7 +146,6 @@ class Connection(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.stats.bytes_read += len(data)
-        self.last_request_time = self._seconds()
         if self.bytes_needed:
             self._chunks.append(data)
             self._chunks_length += len(data)
@@ -196,6 +195,11 @@ class Connection(protocol.Protocol):
                 self.handler = self._detect_protocol(self._buffer[self._offset])
             self.bytes_needed = 0
             self._collecting = True
+            start = self._offset
+            # Requests see their own time as the last request's time, as
+            # in memcached's ``stats conns``.
+            previous_request_time = self.last_request_time
+            self.last_request_time = self._seconds()
             try:
                 self._offset = self.handler.process(self._buffer, self._offset)
             except Exception:
@@ -207,6 +211,10 @@ class Connection(protocol.Protocol):
                 self.close()
                 return
             self._collecting = False
+            if self._offset == start:
+                # Like memcached, count requests, not reads: a client
+                # that trickles in a partial request is still idle.
+                self.last_request_time = previous_request_time
             self._flush_output()
             if self._offset >= len(self._buffer):
                 self._buffer = b""
@@ -263,6 +271,23 @@ class Connection(protocol.Protocol):
         elif self.reading_paused and (backlog <= limit or not self.blocked):
             self.reading_paused = False
             self.transport.resumeProducing()
+
+    @property
+    def waiting_for_request(self) -> bool:
+        """
+        Whether the connection is between requests with nothing in progress:
+        no stream, no output waiting to be sent, no request partly received
+        and not closing.  memcached's idle timeout closes only connections
+        in this state.
+        """
+        if self.closing or self.stream is not None or self.producer_paused or self.bytes_needed:
+            return False
+        if self._unfinished_reply is not None:
+            return False
+        # TCP and UNIX socket transports queue unsent bytes in these two
+        # attributes of twisted.internet.abstract.FileDescriptor.
+        transport = self.transport
+        return not (getattr(transport, "dataBuffer", b"") or getattr(transport, "_tempDataBuffer", None))
 
     @property
     def state_name(self) -> str:

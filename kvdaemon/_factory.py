@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -17,6 +18,11 @@ from kvdaemon._settings import Settings
 from kvdaemon._stats import Stats
 from kvdaemon._store import Store
 from kvdaemon._streaming import Stream
+
+#: Seconds between two checks for idle connections when
+#: ``Settings.idle_timeout`` is on, so a connection is closed at most this
+#: much later than its timeout.
+IDLE_CHECK_INTERVAL = 1.0
 
 
 class _TooManyConnections(protocol.Protocol):
@@ -72,6 +78,8 @@ class KVDaemonFactory(protocol.Factory):
         #: Per-server state that the binary protocol's resumable scans keep.
         self.scans: Any = None
         self._last_connection_id = 0
+        #: Runs while idle_timeout is on and connections are open.
+        self._idle_check: LoopingCall | None = None
 
     def reset_stats(self) -> None:
         """Zero the counters that ``stats reset`` clears, keeping gauges such as open connections."""
@@ -115,12 +123,39 @@ class KVDaemonFactory(protocol.Factory):
         self.connections.add(connection)
         self.stats.curr_connections += 1
         self.stats.total_connections += 1
+        if self.settings.idle_timeout and self._idle_check is None:
+            self._idle_check = LoopingCall(self.close_idle_connections)
+            self._idle_check.clock = self.reactor
+            self._idle_check.start(min(IDLE_CHECK_INTERVAL, self.settings.idle_timeout), now=False)
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a closed connection."""
         if connection in self.connections:
             self.connections.discard(connection)
             self.stats.curr_connections -= 1
+        if not self.connections and self._idle_check is not None:
+            self._idle_check.stop()
+            self._idle_check = None
+
+    def close_idle_connections(self) -> None:
+        """
+        Close every connection that has waited ``idle_timeout`` seconds or
+        more for a request, without a reply, as memcached's
+        ``-o idle_timeout`` does.
+
+        Like memcached, this skips a connection that has a stream running,
+        output waiting to be sent or a request partly received.
+        """
+        deadline = self.reactor.seconds() - self.settings.idle_timeout
+        for connection in list(self.connections):
+            if connection.last_request_time <= deadline and connection.waiting_for_request:
+                self.stats.idle_kicks += 1
+                self.log.info(
+                    "Closing {peer}: no request for {timeout} seconds",
+                    peer=connection.peer,
+                    timeout=self.settings.idle_timeout,
+                )
+                connection.close()
 
     def cancel_streams(self) -> None:
         """Cancel every running stream, for example at shutdown."""

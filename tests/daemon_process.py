@@ -9,10 +9,12 @@ it logs to a file so that a long log can never block it on a full pipe.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +37,9 @@ class DaemonProcess:
 
     def __init__(self, testcase: SynchronousTestCase, *plugin_arguments: str) -> None:
         self.port = free_port()
-        self.log_path = Path(testcase.mktemp() + ".log").resolve()
+        log_directory = tempfile.mkdtemp(prefix="kvdaemon-test-")
+        testcase.addCleanup(shutil.rmtree, log_directory)
+        self.log_path = Path(log_directory, "twistd.log")
         command = [
             sys.executable,
             "-c",
