@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 import threading
 import time
 
@@ -23,8 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from kvdaemon import KVDaemonFactory, Settings
 from kvdaemon._connection import OUTPUT_BATCH_BYTES
+from tests.binary_packets import request as binary_request
 from tests.daemon_process import DaemonProcess, MiB
-from tests.support import Client, FakeReactor, FakeThreadPool, send_and_read, start_server
+from tests.support import Client, FakeReactor, FakeThreadPool, MemcachedProcess, send_and_read, start_server
 
 REJECTION = b"ERROR Too many open connections\r\n"
 
@@ -152,6 +152,8 @@ class MaxConnectionsSocketTests(TestCase):
         self.assertEqual(rejected_reply, REJECTION)
         self.assertIn(b"STAT rejected_connections 1\r\n", stats_while_full)
         self.assertIn(b"STAT curr_connections 2\r\n", stats_while_full)
+        # As in memcached, the rejected connection is not counted here.
+        self.assertIn(b"STAT total_connections 2\r\n", stats_while_full)
         self.assertEqual(served_reply, b"VERSION 1.6.18\r\n")
 
     def _connect_past_limit(self, port: int) -> tuple[bytes, bytes, bytes]:
@@ -175,6 +177,49 @@ class MaxConnectionsSocketTests(TestCase):
             first.close()
             second.close()
         return rejected_reply, stats_while_full, served_reply
+
+
+class MaxConnectionsReferenceTests(SynchronousTestCase):
+    """What memcached 1.6.18 itself does past ``-c``."""
+
+    def test_memcached_rejection_matches(self) -> None:
+        # memcached reserves some of its -c file descriptors for itself, so
+        # it rejects before the Nth connection; only the reply and the
+        # counters are compared.  Below about 30 it cannot start at all.
+        memcached = MemcachedProcess("-c", "30")
+        self.addCleanup(memcached.stop)
+        control = socket.create_connection(("127.0.0.1", memcached.port), timeout=30)
+        accepted = [control]
+
+        def counters() -> tuple[bytes, bytes]:
+            lines = send_and_read(control, b"stats\r\n", b"END\r\n").split(b"\r\n")
+            stats = dict(line.split(b" ")[1:3] for line in lines if line.startswith(b"STAT "))
+            return stats[b"total_connections"], stats[b"rejected_connections"]
+
+        rejected_reply = None
+        try:
+            while rejected_reply is None and len(accepted) < 30:
+                before = counters()
+                connection = socket.create_connection(("127.0.0.1", memcached.port), timeout=30)
+                # Wait until memcached has either accepted or rejected it.
+                after = counters()
+                while after == before:
+                    time.sleep(0.01)
+                    after = counters()
+                if after[1] == before[1]:
+                    accepted.append(connection)
+                    continue
+                rejected_reply = read_all(connection)
+                connection.close()
+            total_connections, rejected_connections = counters()
+        finally:
+            for connection in accepted:
+                connection.close()
+
+        self.assertEqual(rejected_reply, REJECTION)
+        self.assertEqual(rejected_connections, b"1")
+        # The rejected connection is not counted in total_connections.
+        self.assertEqual(total_connections, before[0])
 
 
 class PausingTransport(StringTransport):
@@ -320,10 +365,6 @@ class GreedyClient:
         self.connection.close()
 
 
-def binary_get(opcode: int, key: bytes, opaque: int) -> bytes:
-    return struct.pack(">BBHBBHIIQ", 0x80, opcode, len(key), 0, 0, 0, len(key), opaque, 0) + key
-
-
 def item_key(number: int) -> bytes:
     return b"key%03d" % number
 
@@ -391,10 +432,11 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
     def test_binary_pipeline_bounded(self) -> None:
         # GETQ (0x09) for most keys, and a GET (0x00) now and then.
         requests = [
-            binary_get(0x00 if number % 10 == 9 else 0x09, item_key(number), number) for number in range(KEY_COUNT)
+            binary_request(0x00 if number % 10 == 9 else 0x09, item_key(number), opaque=number)
+            for number in range(KEY_COUNT)
         ]
         # The version reply's value is the version.
-        self.check_pipeline_bounded(requests, binary_get(0x0B, b"", 0), b"1.6.18")
+        self.check_pipeline_bounded(requests, binary_request(0x0B), b"1.6.18")
 
     def test_long_get_line_bounded(self) -> None:
         # One 140 KB request whose reply is 200 MB.
