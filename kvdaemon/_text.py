@@ -354,7 +354,7 @@ class TextHandler:
         start: int,
         with_cas: bool,
         fetch: Callable[[bytes], Item | None],
-        may_send_early: bool | None = None,
+        keys_checked: bool = False,
     ) -> None:
         """
         Send a ``VALUE`` block for each item that ``fetch`` returns for
@@ -386,17 +386,30 @@ class TextHandler:
             if batch_bytes >= OUTPUT_BATCH_BYTES and index + 1 < len(keys):
                 # A batch may be sent before the end only when no later key
                 # can turn the reply into an error.
-                if may_send_early is None:
-                    may_send_early = max(map(len, keys[index + 1 :])) <= MAX_KEY_LENGTH
-                if may_send_early:
-                    connection.write(b"".join(out))
-                    out = []
-                    batch_bytes = 0
-                    if connection.producer_paused:
-                        connection.finish_later(partial(self._send_values, keys, index + 1, with_cas, fetch, True))
-                        return
+                if not keys_checked:
+                    self._check_keys(keys, index + 1, fetch)
+                    keys_checked = True
+                connection.write(b"".join(out))
+                out = []
+                batch_bytes = 0
+                if connection.producer_paused:
+                    connection.finish_later(partial(self._send_values, keys, index + 1, with_cas, fetch, True))
+                    return
         out.append(END)
         connection.write(b"".join(out))
+
+    @staticmethod
+    def _check_keys(keys: list[bytes], start: int, fetch: Callable[[bytes], Item | None]) -> None:
+        """
+        Raise :class:`ProtocolError` if a key from ``start`` on is too long,
+        after fetching the keys before it, which memcached counts.
+        """
+        if max(map(len, keys[start:])) <= MAX_KEY_LENGTH:
+            return
+        for key in keys[start:]:
+            if len(key) > MAX_KEY_LENGTH:
+                raise ProtocolError(BAD_FORMAT)
+            fetch(key)
 
     # -- storage --
 

@@ -477,6 +477,21 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
         self.check_server_works()
 
 
+    def test_long_get_line_with_bad_key_bounded(self) -> None:
+        # memcached replies with only the error when the last key is too
+        # long, so the values before it must not be built up either.
+        keys = [item_key(number % KEY_COUNT) for number in range(20000)]
+        request = b"get " + b" ".join(keys) + b" " + b"k" * 251 + b"\r\n"
+        baseline = self.warm_up(b"get " + b" ".join(keys[:KEY_COUNT]) + b"\r\n", b"version\r\n", b"VERSION 1.6.18\r\n")
+
+        with self.daemon.connect() as connection:
+            reply = send_and_read(connection, request)
+
+        self.assertEqual(reply, b"CLIENT_ERROR bad command line format\r\n")
+        self.assertLess(peak_rss(self.daemon.pid) - baseline, UNREAD_REPLIES_BOUND)
+        self.assertEqual(self.daemon.stats()[b"cmd_get"], b"%d" % (KEY_COUNT + len(keys)))
+
+
 class MaxMemoryLoadTests(SynchronousTestCase):
     """``--max-memory`` of a ``twistd kvdaemon`` subprocess under a write load three times its size."""
 
