@@ -280,6 +280,8 @@ class Connection(protocol.Protocol):
         and not closing.  memcached's idle timeout closes only connections
         in this state.
         """
+        # NOTE: bytes_needed is also set while a binary header is
+        # incomplete, so such a connection is kept, where memcached closes it.
         if self.closing or self.stream is not None or self.producer_paused or self.bytes_needed:
             return False
         if self._unfinished_reply is not None:
