@@ -14,7 +14,9 @@ not consume.  It stops early when :attr:`Connection.blocked` becomes true:
   pipelined requests wait until the job's output has been written, so
   replies leave in request order;
 - the transport paused us because its write buffer is full: like
-  memcached, a connection whose output is backed up is not read;
+  memcached, a connection whose output is backed up is not read.  A
+  request with a long reply (a ``get`` of many keys) can stop there too,
+  leaving the rest of its reply to :meth:`Connection.finish_later`;
 - the connection is closing.
 
 While blocked, received bytes accumulate; past
@@ -105,6 +107,9 @@ class Connection(protocol.Protocol):
         self._output: list[bytes] = []
         self._output_bytes = 0
         self.stream: Stream | None = None
+        #: Produces the rest of a reply that stopped because the transport
+        #: paused us; runs when the transport resumes.
+        self._unfinished_reply: Callable[[], None] | None = None
         #: True while the transport's write buffer is over its limit.
         self.producer_paused = False
         self.reading_paused = False
@@ -141,7 +146,6 @@ class Connection(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.stats.bytes_read += len(data)
-        self.last_request_time = self._seconds()
         if self.bytes_needed:
             self._chunks.append(data)
             self._chunks_length += len(data)
@@ -168,6 +172,7 @@ class Connection(protocol.Protocol):
             # a string so that pyOpenSSL stays optional.
             self.log.info("Closed {peer} after a TLS error: {error}", peer=self.peer, error=reason.value)
         self.closing = True
+        self._unfinished_reply = None
         if self.stream is not None:
             self.stream.cancel()
         if self.handler is not None:
@@ -179,15 +184,28 @@ class Connection(protocol.Protocol):
     @property
     def blocked(self) -> bool:
         """Whether handlers must stop executing requests for now."""
-        return self.stream is not None or self.producer_paused or self.closing
+        return self.stream is not None or self.producer_paused or self.closing or self._unfinished_reply is not None
 
     def process_input(self) -> None:
         """Execute buffered requests until the buffer runs dry or the connection blocks."""
-        if self.stream is None and not self.producer_paused and not self.closing and self._offset < len(self._buffer):
+        if self._unfinished_reply is not None and not self.producer_paused and not self.closing:
+            self._finish_reply()
+        if (
+            self.stream is None
+            and not self.producer_paused
+            and not self.closing
+            and self._unfinished_reply is None
+            and self._offset < len(self._buffer)
+        ):
             if self.handler is None:
                 self.handler = self._detect_protocol(self._buffer[self._offset])
             self.bytes_needed = 0
             self._collecting = True
+            start = self._offset
+            # Requests see their own time as the last request's time, as
+            # in memcached's ``stats conns``.
+            previous_request_time = self.last_request_time
+            self.last_request_time = self._seconds()
             try:
                 self._offset = self.handler.process(self._buffer, self._offset)
             except Exception:
@@ -199,6 +217,10 @@ class Connection(protocol.Protocol):
                 self.close()
                 return
             self._collecting = False
+            if self._offset == start:
+                # Like memcached, count requests, not reads: a client
+                # that trickles in a partial request is still idle.
+                self.last_request_time = previous_request_time
             self._flush_output()
             if self._offset >= len(self._buffer):
                 self._buffer = b""
@@ -207,6 +229,32 @@ class Connection(protocol.Protocol):
                     # Nothing is pending, so there is no backlog to check.
                     return
         self._check_backlog()
+
+    def finish_later(self, produce_rest: Callable[[], None]) -> None:
+        """
+        Call ``produce_rest`` to continue the reply being produced once the
+        transport resumes, executing no later request before it.
+
+        For a handler whose reply is too large to build at once, after it
+        has written part of the reply and found :attr:`producer_paused`
+        set.  ``produce_rest`` writes more of the reply and may call this
+        again.
+        """
+        self._unfinished_reply = produce_rest
+
+    def _finish_reply(self) -> None:
+        produce_rest = self._unfinished_reply
+        self._unfinished_reply = None
+        self._collecting = True
+        try:
+            produce_rest()
+        except Exception:
+            self._collecting = False
+            self.log.failure("Unexpected error serving {peer}; closing the connection", peer=self.peer)
+            self.close()
+            return
+        self._collecting = False
+        self._flush_output()
 
     def _detect_protocol(self, first_byte: int) -> Handler:
         # With SASL on, memcached parses every connection as binary, so a
@@ -236,6 +284,25 @@ class Connection(protocol.Protocol):
         elif self.reading_paused and (backlog <= limit or not self.blocked):
             self.reading_paused = False
             self.transport.resumeProducing()
+
+    @property
+    def waiting_for_request(self) -> bool:
+        """
+        Whether the connection is between requests with nothing in progress:
+        no stream, no output waiting to be sent, no request partly received
+        and not closing.  memcached's idle timeout closes only connections
+        in this state.
+        """
+        # NOTE: bytes_needed is also set while a binary header is
+        # incomplete, so such a connection is kept, where memcached closes it.
+        if self.closing or self.stream is not None or self.producer_paused or self.bytes_needed:
+            return False
+        if self._unfinished_reply is not None:
+            return False
+        # TCP and UNIX socket transports queue unsent bytes in these two
+        # attributes of twisted.internet.abstract.FileDescriptor.
+        transport = self.transport
+        return not (getattr(transport, "dataBuffer", b"") or getattr(transport, "_tempDataBuffer", None))
 
     @property
     def state_name(self) -> str:

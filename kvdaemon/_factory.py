@@ -9,14 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from kvdaemon._connection import Connection
+from kvdaemon._connection import Connection, describe_address
 from kvdaemon._settings import Settings
 from kvdaemon._stats import Stats
 from kvdaemon._store import Store
 from kvdaemon._streaming import Stream
+
+#: Seconds between two checks for idle connections when
+#: ``Settings.idle_timeout`` is on, so a connection is closed at most this
+#: much later than its timeout.
+IDLE_CHECK_INTERVAL = 1.0
 
 
 class _TooManyConnections(protocol.Protocol):
@@ -75,6 +81,8 @@ class KVDaemonFactory(protocol.Factory):
         #: Deferreds of :meth:`close_connections` calls, fired once no
         #: connection is left.
         self._all_closed: list[defer.Deferred[None]] = []
+        #: Runs while idle_timeout is on and connections are open.
+        self._idle_check: LoopingCall | None = None
 
     def reset_stats(self) -> None:
         """Zero the counters that ``stats reset`` clears, keeping gauges such as open connections."""
@@ -103,7 +111,7 @@ class KVDaemonFactory(protocol.Factory):
             self.stats.rejected_connections += 1
             self.log.warn(
                 "Rejected a connection from {peer}: {limit} connections already open",
-                peer=addr,
+                peer=describe_address(addr),
                 limit=self.settings.max_connections,
             )
             rejected = _TooManyConnections()
@@ -118,6 +126,10 @@ class KVDaemonFactory(protocol.Factory):
         self.connections.add(connection)
         self.stats.curr_connections += 1
         self.stats.total_connections += 1
+        if self.settings.idle_timeout and self._idle_check is None:
+            self._idle_check = LoopingCall(self.close_idle_connections)
+            self._idle_check.clock = self.reactor
+            self._idle_check.start(min(IDLE_CHECK_INTERVAL, self.settings.idle_timeout), now=False)
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a closed connection."""
@@ -128,6 +140,29 @@ class KVDaemonFactory(protocol.Factory):
             waiting, self._all_closed = self._all_closed, []
             for d in waiting:
                 d.callback(None)
+        if not self.connections and self._idle_check is not None:
+            self._idle_check.stop()
+            self._idle_check = None
+
+    def close_idle_connections(self) -> None:
+        """
+        Close every connection that has waited ``idle_timeout`` seconds or
+        more for a request, without a reply, as memcached's
+        ``-o idle_timeout`` does.
+
+        Like memcached, this skips a connection that has a stream running,
+        output waiting to be sent or a request partly received.
+        """
+        deadline = self.reactor.seconds() - self.settings.idle_timeout
+        for connection in list(self.connections):
+            if connection.last_request_time <= deadline and connection.waiting_for_request:
+                self.stats.idle_kicks += 1
+                self.log.info(
+                    "Closing {peer}: no request for {timeout} seconds",
+                    peer=connection.peer,
+                    timeout=self.settings.idle_timeout,
+                )
+                connection.close()
 
     def cancel_streams(self) -> None:
         """Cancel every running stream, for example at shutdown."""

@@ -100,6 +100,13 @@ class Options(usage.Options):
             " drops their connections (0 to 3600).",
         ],
         [
+            "idle-timeout",
+            None,
+            "0",
+            "Seconds a connection waiting for a request may stay silent before it is closed, as with memcached's"
+            " -o idle_timeout. 0 turns this off (0 to 2592000).",
+        ],
+        [
             "switch-interval",
             None,
             "0.5",
@@ -183,6 +190,7 @@ class Options(usage.Options):
             max_streams=_bounded("max-streams", self["max-streams"], 1, 100000, "streams"),
             max_scans=_bounded("max-scans", self["max-scans"], 1, 100000, "scans"),
             scan_lifetime=_bounded("scan-lifetime", self["scan-lifetime"], 1, 86400, "seconds", float),
+            idle_timeout=_bounded("idle-timeout", self["idle-timeout"], 0, 2592000, "seconds"),
             allow_destructive=not self["disable-flush-all"],
             allow_dumps=not self["disable-dumps"],
             sasl_users=sasl_users,

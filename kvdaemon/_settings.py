@@ -65,3 +65,7 @@ class Settings:
     max_scans: int = 64
     #: Seconds an idle resumable range scan lives before it is dropped.
     scan_lifetime: float = 60.0
+    #: Seconds a connection waiting for a request may stay silent before
+    #: it is closed, as with memcached's ``-o idle_timeout``.  0 turns
+    #: this off.
+    idle_timeout: int = 0

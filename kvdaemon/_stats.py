@@ -44,6 +44,7 @@ class Stats:
     store_too_large: int = 0
     auth_cmds: int = 0
     auth_errors: int = 0
+    idle_kicks: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     streams_started: int = 0
@@ -109,6 +110,7 @@ def general_stats(stats: Stats, store, settings, now: float, threads: int) -> li
         ("store_too_large", stats.store_too_large),
         ("auth_cmds", stats.auth_cmds),
         ("auth_errors", stats.auth_errors),
+        ("idle_kicks", stats.idle_kicks),
         ("bytes_read", stats.bytes_read),
         ("bytes_written", stats.bytes_written),
         ("limit_maxbytes", settings.max_memory),
@@ -153,6 +155,7 @@ def settings_stats(settings, listen: list[str], verbosity: int, tcp_port: int = 
         ("sasl", "yes" if settings.sasl_users is not None else "no"),
         ("auth_enabled_ascii", "yes" if settings.auth_users is not None else "no"),
         ("dump_enabled", "yes" if settings.allow_dumps else "no"),
+        ("idle_timeout", settings.idle_timeout),
         ("num_threads", settings.threads),
         ("stream_buffer", settings.stream_buffer),
         ("stall_timeout", settings.stall_timeout),

@@ -11,13 +11,15 @@ their own modules.
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from kvdaemon import _stats
-from kvdaemon._store import MAX_KEY_LENGTH, StoreResult
+from kvdaemon._connection import OUTPUT_BATCH_BYTES
+from kvdaemon._store import MAX_KEY_LENGTH, Item, StoreResult
 from kvdaemon._version import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -322,25 +324,7 @@ class TextHandler:
     def _retrieve(self, keys: list[bytes], with_cas: bool) -> None:
         if not keys:
             raise ProtocolError(ERROR)
-        store = self.store
-        stats = self.stats
-        out = []
-        for key in keys:
-            if len(key) > MAX_KEY_LENGTH:
-                raise ProtocolError(BAD_FORMAT)
-            item = store.get(key)
-            stats.cmd_get += 1
-            if item is None:
-                stats.get_misses += 1
-                continue
-            stats.get_hits += 1
-            value = item.value
-            if with_cas:
-                out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (key, item.flags, len(value), item.cas, value))
-            else:
-                out.append(b"VALUE %s %d %d\r\n%s\r\n" % (key, item.flags, len(value), value))
-        out.append(END)
-        self.connection.write(b"".join(out))
+        self._send_values(keys, 0, with_cas, self._get)
 
     def _touch_and_retrieve(self, parts: list[bytes], with_cas: bool) -> None:
         # "gat <exptime>" with no key is valid and returns only END, and
@@ -348,25 +332,92 @@ class TextHandler:
         if len(parts) < 2:
             raise ProtocolError(ERROR)
         exptime = parse_int(parts[1], INVALID_EXPTIME)
-        store = self.store
         stats = self.stats
-        out = []
-        for key in parts[2:]:
-            check_key(key)
+        touch = self.store.touch
+
+        def get_and_touch(key: bytes) -> Item | None:
             stats.cmd_touch += 1
-            item = store.touch(key, exptime)
+            item = touch(key, exptime)
             if item is None:
                 stats.touch_misses += 1
-                continue
-            stats.touch_hits += 1
-            if with_cas:
-                out.append(b"VALUE %s %d %d %d\r\n" % (key, item.flags, len(item.value), item.cas))
             else:
-                out.append(b"VALUE %s %d %d\r\n" % (key, item.flags, len(item.value)))
-            out.append(item.value)
-            out.append(b"\r\n")
+                stats.touch_hits += 1
+            return item
+
+        self._send_values(parts[2:], 0, with_cas, get_and_touch)
+
+    def _get(self, key: bytes) -> Item | None:
+        stats = self.stats
+        item = self.store.get(key)
+        stats.cmd_get += 1
+        if item is None:
+            stats.get_misses += 1
+        else:
+            stats.get_hits += 1
+        return item
+
+    def _send_values(
+        self,
+        keys: list[bytes],
+        start: int,
+        with_cas: bool,
+        fetch: Callable[[bytes], Item | None],
+        keys_checked: bool = False,
+    ) -> None:
+        """
+        Send a ``VALUE`` block for each item that ``fetch`` returns for
+        ``keys[start:]``, then ``END``.
+
+        A reply to many keys goes out in batches.  After a batch that the
+        transport could not take at once, it stops and continues when the
+        transport resumes, so a client that sends a long ``get`` line and
+        reads nothing cannot make the server build the whole reply.
+        :raise ProtocolError: a key is too long.  As in memcached, the keys
+            before it are fetched and counted, and no value is sent.
+        """
+        connection = self.connection
+        out = []
+        batch_bytes = 0
+        for index in range(start, len(keys)):
+            key = keys[index]
+            if len(key) > MAX_KEY_LENGTH:
+                raise ProtocolError(BAD_FORMAT)
+            item = fetch(key)
+            if item is None:
+                continue
+            value = item.value
+            if with_cas:
+                out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (key, item.flags, len(value), item.cas, value))
+            else:
+                out.append(b"VALUE %s %d %d\r\n%s\r\n" % (key, item.flags, len(value), value))
+            batch_bytes += len(value)
+            if batch_bytes >= OUTPUT_BATCH_BYTES and index + 1 < len(keys):
+                # A batch may be sent before the end only when no later key
+                # can turn the reply into an error.
+                if not keys_checked:
+                    self._check_keys(keys, index + 1, fetch)
+                    keys_checked = True
+                connection.write(b"".join(out))
+                out = []
+                batch_bytes = 0
+                if connection.producer_paused:
+                    connection.finish_later(partial(self._send_values, keys, index + 1, with_cas, fetch, True))
+                    return
         out.append(END)
-        self.connection.write_sequence(out)
+        connection.write(b"".join(out))
+
+    @staticmethod
+    def _check_keys(keys: list[bytes], start: int, fetch: Callable[[bytes], Item | None]) -> None:
+        """
+        Raise :class:`ProtocolError` if a key from ``start`` on is too long,
+        after fetching the keys before it, which memcached counts.
+        """
+        if max(map(len, keys[start:])) <= MAX_KEY_LENGTH:
+            return
+        for key in keys[start:]:
+            if len(key) > MAX_KEY_LENGTH:
+                raise ProtocolError(BAD_FORMAT)
+            fetch(key)
 
     # -- storage --
 

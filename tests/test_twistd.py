@@ -165,6 +165,7 @@ class TwistdOptionTests(SynchronousTestCase):
             "--auth-file=",
             "--enable-shutdown",
             "--shutdown-grace=",
+            "--idle-timeout=",
         ]:
             self.assertIn(option, result.stdout)
         self.assertIn("tcp:11211:interface=127.0.0.1", result.stdout)
