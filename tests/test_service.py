@@ -11,7 +11,7 @@ import shutil
 import socket
 import tempfile
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import StringTransport
@@ -220,10 +220,10 @@ class ConnectionLimitUnitTests(SynchronousTestCase):
 
     def test_slot_freed_after_close(self) -> None:
         first, _ = self.connect(50001)
-        first.connectionLost(None)
+        first.connectionLost(protocol.connectionDone)
         self.assertEqual(self.factory.stats.curr_connections, 0)
-        protocol, transport = self.connect(50002)
-        protocol.dataReceived(b"version\r\n")
+        second, transport = self.connect(50002)
+        second.dataReceived(b"version\r\n")
         self.assertTrue(transport.value().startswith(b"VERSION "))
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, threads
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
@@ -122,7 +122,7 @@ class GracefulStopTests(SynchronousTestCase):
     def lose(self, *clients: Client) -> None:
         """Deliver connectionLost, as the reactor does once a closed transport is gone."""
         for client in clients:
-            client.protocol.connectionLost(None)
+            client.protocol.connectionLost(protocol.connectionDone)
 
     def start_stream(self) -> Client:
         for number in range(200):
