@@ -10,11 +10,13 @@ bulk keys (``soak:bulk:NNNNNN``) are loaded before the run and only read.
 Roles:
 
 text
-    classic text commands (set, get, multi-key get, gets and cas, incr,
-    delete, touch), meta ``mg`` and ``ms``, ``rget`` and ``rdelete`` over
+    classic text commands (set, add, replace, append, prepend, get, gat,
+    multi-key get, gets and cas, incr, decr, delete, touch), meta ``mg``,
+    ``ms``, ``md`` and ``ma``, ``rget`` and ``rdelete`` over
     the worker's range sub-prefix, and pipelines that mix them.
 binary
-    binary get, set, delete, increment and quiet multi-get, range get
+    binary get, set, add, replace, append, prepend, delete, increment,
+    decrement, touch and quiet multi-get, range get
     (0x30) and range delete (0x37) over the worker's range sub-prefix, and
     resumable scans (0xDA to 0xDC) over it, completed or cancelled.
 range
@@ -69,10 +71,11 @@ RANGE_KEYS = 40
 READ_TIMEOUT = 60.0
 
 #: Binary opcodes and statuses the workers use.
-GET, SET, DELETE, INCREMENT, NOOP, GETKQ = 0x00, 0x01, 0x04, 0x05, 0x0A, 0x0D
+GET, SET, ADD, REPLACE, DELETE, INCREMENT, DECREMENT = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+NOOP, GETKQ, APPEND, PREPEND, TOUCH = 0x0A, 0x0D, 0x0E, 0x0F, 0x1C
 RANGE_GET, RANGE_DELETE = 0x30, 0x37
 SCAN_CREATE, SCAN_CONTINUE, SCAN_CANCEL = 0xDA, 0xDB, 0xDC
-STATUS_OK, STATUS_NOT_FOUND = 0x00, 0x01
+STATUS_OK, STATUS_NOT_FOUND, STATUS_EXISTS, STATUS_NOT_STORED = 0x00, 0x01, 0x02, 0x05
 STATUS_MORE, STATUS_COMPLETE = 0xA6, 0xA7
 JSON_DATATYPE = 0x01
 
@@ -124,6 +127,18 @@ class Ledger:
 
     def unsure(self, key: bytes, value: bytes | None) -> None:
         self.expected.setdefault(key, {None}).add(value)
+
+    def counted(self, key: bytes, old: bytes, number: int) -> None:
+        """
+        Record an acknowledged incr or decr of *key* from *old* to *number*.
+
+        memcached 1.6 rewrites a counter in place when the new digits fit,
+        padding them with spaces to the old length, and its protocol.txt
+        allows a padded value, so both forms are accepted until a read
+        settles which one the server stored.
+        """
+        digits = b"%d" % number
+        self.expected[key] = {digits, digits.ljust(len(old))}
 
     def current(self, key: bytes) -> bytes | None:
         """Return the key's value if the ledger is sure of it and it is present."""
@@ -283,8 +298,14 @@ class TextWorker(Worker):
         "incr": 6,
         "delete": 5,
         "touch": 4,
+        "append_prepend": 4,
+        "add_replace": 4,
+        "decr": 3,
+        "gat": 3,
         "mg": 10,
         "ms": 8,
+        "md": 3,
+        "ma": 3,
         "rget": 4,
         "rdelete": 2,
         "pipeline": 3,
@@ -385,11 +406,16 @@ class TextWorker(Worker):
         if current is None:
             self.client.expect(b"incr %s %d" % (key, delta), b"NOT_FOUND")
             return
-        expected = b"%d" % ((int(current) + delta) % 2**64)
-        self.pending = [(key, expected)]
-        self.client.expect(b"incr %s %d" % (key, delta), expected)
+        number = (int(current) + delta) % 2**64
+        self.pending = [(key, b"%d" % number), (key, (b"%d" % number).ljust(len(current)))]
+        self.client.expect(b"incr %s %d" % (key, delta), b"%d" % number)
         self.pending = []
-        self.ledger.stored(key, expected)
+        self.ledger.counted(key, current, number)
+        self.settle_counter(key)
+
+    def settle_counter(self, key: bytes) -> None:
+        """Read a counter after an incr or decr, settling whether it was padded."""
+        self.get_values([key])
 
     def op_delete(self) -> None:
         key = self.write_key()
@@ -406,6 +432,74 @@ class TextWorker(Worker):
         key = self.read_key()
         expected = b"TOUCHED" if self.ledger.current(key) is not None else b"NOT_FOUND"
         self.client.expect(b"touch %s 0" % key, expected)
+
+    def op_append_prepend(self) -> None:
+        key, data = self.write_key(), self.random.randbytes(self.random.randint(1, 64))
+        command = self.random.choice((b"append", b"prepend"))
+        current = self.ledger.current(key)
+        if current is None:
+            self.client.expect(b"%s %s 0 0 %d" % (command, key, len(data)), b"NOT_STORED", data)
+            return
+        value = current + data if command == b"append" else data + current
+        self.pending = [(key, value)]
+        self.client.expect(b"%s %s 0 0 %d" % (command, key, len(data)), b"STORED", data)
+        self.pending = []
+        self.ledger.stored(key, value)
+
+    def op_add_replace(self) -> None:
+        key, value = self.write_key(), self.new_value()
+        command = self.random.choice((b"add", b"replace"))
+        present = self.ledger.current(key) is not None
+        if present != (command == b"replace"):
+            self.client.expect(b"%s %s 0 0 %d" % (command, key, len(value)), b"NOT_STORED", value)
+            return
+        self.pending = [(key, value)]
+        self.client.expect(b"%s %s 0 0 %d" % (command, key, len(value)), b"STORED", value)
+        self.pending = []
+        self.ledger.stored(key, value)
+
+    def op_decr(self) -> None:
+        key = self.counter_key(self.random.randrange(COUNTER_KEYS))
+        delta = self.random.randint(1, 300)
+        current = self.ledger.current(key)
+        if current is None:
+            self.client.expect(b"decr %s %d" % (key, delta), b"NOT_FOUND")
+            return
+        number = max(0, int(current) - delta)
+        self.pending = [(key, b"%d" % number), (key, (b"%d" % number).ljust(len(current)))]
+        self.client.expect(b"decr %s %d" % (key, delta), b"%d" % number)
+        self.pending = []
+        self.ledger.counted(key, current, number)
+        self.settle_counter(key)
+
+    def op_gat(self) -> None:
+        key = self.read_key()
+        self.client.send(b"gat 0 %s\r\n" % key)
+        self.check_values([key], self.client.read_values())
+
+    def op_md(self) -> None:
+        key = self.write_key()
+        expected = b"HD" if self.ledger.current(key) is not None else b"NF"
+        self.pending = [(key, None)]
+        self.client.expect(b"md %s" % key, expected)
+        self.pending = []
+        self.ledger.deleted(key)
+
+    def op_ma(self) -> None:
+        key = self.counter_key(self.random.randrange(COUNTER_KEYS))
+        delta = self.random.randint(1, 1000)
+        current = self.ledger.current(key)
+        reply = self.client.command(b"ma %s v D%d" % (key, delta))
+        if current is None:
+            if reply != b"NF":
+                raise ProtocolMismatch("ma %r on a missing counter: expected NF, got %r" % (key, reply[:100]))
+            return
+        number = (int(current) + delta) % 2**64
+        expected = b"%d" % number
+        if reply != b"VA %d" % len(expected) or self.client.read_exact(len(expected) + 2) != expected + b"\r\n":
+            raise ProtocolMismatch("ma %r: expected %r, got %r" % (key, expected, reply[:100]))
+        self.ledger.counted(key, current, number)
+        self.settle_counter(key)
 
     def op_mg(self) -> None:
         key = self.read_key()
@@ -486,6 +580,10 @@ class BinaryWorker(TextWorker):
         "bdelete": 5,
         "bincr": 6,
         "bmulti_get": 8,
+        "badd_replace": 4,
+        "bappend_prepend": 4,
+        "bdecr": 3,
+        "btouch": 3,
         "brget": 5,
         "brdelete": 2,
         "scan": 5,
@@ -528,21 +626,76 @@ class BinaryWorker(TextWorker):
         self.ledger.deleted(key)
 
     def op_bincr(self) -> None:
+        self.change_counter(INCREMENT, self.random.randint(1, 1000))
+
+    def op_bdecr(self) -> None:
+        self.change_counter(DECREMENT, self.random.randint(1, 300))
+
+    def change_counter(self, opcode: int, delta: int) -> None:
+        """Send a binary increment or decrement that must not create a missing counter."""
         key = self.counter_key(self.random.randrange(COUNTER_KEYS))
-        delta = self.random.randint(1, 1000)
+        name = "increment" if opcode == INCREMENT else "decrement"
         current = self.ledger.current(key)
-        expected = 0 if current is None else (int(current) + delta) % 2**64
-        self.pending = [] if current is None else [(key, b"%d" % expected)]
-        response = self.client.request(INCREMENT, key, INCREMENT_EXTRAS.pack(delta, 0, NO_CREATE), opaque=9)
+        expected = 0
+        if current is not None:
+            # Increments wrap at 2**64 and decrements stop at 0.
+            expected = (int(current) + delta) % 2**64 if opcode == INCREMENT else max(0, int(current) - delta)
+            self.pending = [(key, b"%d" % expected), (key, (b"%d" % expected).ljust(len(current)))]
+        response = self.client.request(opcode, key, INCREMENT_EXTRAS.pack(delta, 0, NO_CREATE), opaque=9)
         self.pending = []
         if current is None:
-            self.expect_status("increment %r" % key, response, STATUS_NOT_FOUND)
+            self.expect_status("%s %r" % (name, key), response, STATUS_NOT_FOUND)
             return
-        self.expect_status("increment %r" % key, response, STATUS_OK)
+        self.expect_status("%s %r" % (name, key), response, STATUS_OK)
         (actual,) = struct.unpack(">Q", response.value)
         if actual != expected:
-            raise ProtocolMismatch("increment %r: expected %d, got %d" % (key, expected, actual))
-        self.ledger.stored(key, b"%d" % expected)
+            raise ProtocolMismatch("%s %r: expected %d, got %d" % (name, key, expected, actual))
+        self.ledger.counted(key, current, expected)
+        self.settle_counter(key)
+
+    def settle_counter(self, key: bytes) -> None:
+        response = self.client.request(GET, key, opaque=20)
+        self.expect_status("get %r" % key, response, STATUS_OK)
+        self.check_read("binary get", key, response.value)
+
+    def op_badd_replace(self) -> None:
+        key, value = self.write_key(), self.new_value()
+        opcode = self.random.choice((ADD, REPLACE))
+        present = self.ledger.current(key) is not None
+        self.pending = [(key, value)]
+        response = self.client.request(opcode, key, SET_EXTRAS.pack(0, 0), value, opaque=17)
+        self.pending = []
+        if opcode == ADD and present:
+            self.expect_status("add %r" % key, response, STATUS_EXISTS)
+        elif opcode == REPLACE and not present:
+            self.expect_status("replace %r" % key, response, STATUS_NOT_FOUND)
+        else:
+            self.expect_status("add or replace %r" % key, response, STATUS_OK)
+            self.ledger.stored(key, value)
+
+    def op_bappend_prepend(self) -> None:
+        key, data = self.write_key(), self.random.randbytes(self.random.randint(1, 64))
+        opcode = self.random.choice((APPEND, PREPEND))
+        current = self.ledger.current(key)
+        if current is None:
+            value = None
+        elif opcode == APPEND:
+            value = current + data
+        else:
+            value = data + current
+        self.pending = [] if value is None else [(key, value)]
+        response = self.client.request(opcode, key, value=data, opaque=18)
+        self.pending = []
+        if value is None:
+            self.expect_status("append or prepend %r" % key, response, STATUS_NOT_STORED)
+            return
+        self.expect_status("append or prepend %r" % key, response, STATUS_OK)
+        self.ledger.stored(key, value)
+
+    def op_btouch(self) -> None:
+        key = self.read_key()
+        response = self.client.request(TOUCH, key, struct.pack(">I", 0), opaque=21)
+        self.expect_status("touch %r" % key, response, STATUS_OK if self.ledger.current(key) is not None else STATUS_NOT_FOUND)
 
     def op_bmulti_get(self) -> None:
         keys = list({self.read_key() for _ in range(10)})
