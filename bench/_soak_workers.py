@@ -823,7 +823,7 @@ def continue_scan(client: BinaryClient, scan_id: bytes, item_limit: Callable[[],
 
 
 class RangeWorker(Worker):
-    """Reads the bulk keys through every range operation and checks counts, order and values."""
+    """A client that reads the bulk keys through every range operation and checks counts, order and values."""
 
     role = "range"
     operations = {"rget_bulk": 4, "scan_bulk": 3, "brget_bulk": 3, "mgdump": 1, "rget_live": 2, "scan_live": 2}
@@ -965,9 +965,9 @@ class SlowReaderResult:
 
 class SlowReaderWorker(Worker):
     """
-    Starts an ``rget`` of every bulk key and reads it a few bytes per
-    second (``trickle``) or not at all (``stalled``), until the server
-    closes the connection.
+    A client that starts an ``rget`` of every bulk key and reads it a few
+    bytes per second (``trickle``) or not at all (``stalled``), until the
+    server closes the connection.
 
     A reader that the server has not closed after :meth:`give_up_after`
     seconds counts as an error: the stall timeout did not cut it.
@@ -1048,10 +1048,11 @@ def tcp_state(connection: socket.socket) -> int:
 
 class AbortWorker(TextWorker):
     """
-    Cuts connections short: in a request line, a data block, a binary
-    body, a stream or a scan continue, with a RST or a FIN.
+    A client that cuts connections short, with a RST or a FIN, in a request
+    line, a data block, a binary body, a pipeline, a stream or a scan
+    continue.
 
-    Each cut follows an acknowledged write of the same key on the same
+    A cut write follows an acknowledged write of the same key on the same
     connection, so a cut write that the server applied shows at the end as
     a value that differs from the ledger's.
     """
