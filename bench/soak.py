@@ -103,6 +103,9 @@ FLAGGED_LEVELS = ("warn", "error", "critical")
 #: Messages that a clean shutdown logs, kvdaemon's and then twistd's.
 SHUTDOWN_LINES = ("kvdaemon stopped", "Server Shut Down.")
 
+#: The service's closing line, which counts the streams the stop cancelled.
+STOPPED_LINE = re.compile(r"^kvdaemon stopped: closed \d+ connections and cancelled (?P<streams>\d+) streams$")
+
 
 @dataclass
 class Sample:
@@ -132,6 +135,8 @@ class LogScan:
     shutdown_lines: int = 0
     #: "its stream was cancelled" lines: streams that the stop cancelled.
     cancelled_streams: int = 0
+    #: Streams that the service's closing line says the stop cancelled.
+    streams_cancelled_at_stop: int = -1
 
 
 def read_process(pid: int, started: float) -> Sample:
@@ -323,7 +328,11 @@ def scan_log(paths: list[Path]) -> LogScan:
             system, message = match.group("system"), match.group("message")
             level = system.rpartition("#")[2] if "#" in system else "legacy"
             scan.levels[level] += 1
-            if message in SHUTDOWN_LINES:
+            stopped = STOPPED_LINE.match(message)
+            if stopped is not None:
+                scan.shutdown_lines += 1
+                scan.streams_cancelled_at_stop = int(stopped.group("streams"))
+            elif message in SHUTDOWN_LINES:
                 scan.shutdown_lines += 1
             elif message.endswith(": its stream was cancelled"):
                 scan.cancelled_streams += 1
@@ -489,13 +498,14 @@ def run_checks(outcome: Outcome) -> list[Check]:
         )
     )
 
-    # twistd (Twisted 26.10) shuts down on SIGTERM and then kills itself
-    # with the same signal, so a clean stop exits with -SIGTERM.
+    # kvdaemon replaces twistd's SIGTERM handler, so a clean stop exits 0
+    # instead of twistd re-raising the signal.
     stopped_cleanly = (
-        outcome.exit_code in (0, -signal.SIGTERM)
+        outcome.exit_code == 0
         and not outcome.killed
         and outcome.log.shutdown_lines == len(SHUTDOWN_LINES)
         and outcome.log.cancelled_streams == STALLED_AT_STOP
+        and outcome.log.streams_cancelled_at_stop == STALLED_AT_STOP
     )
     checks.append(
         Check(
