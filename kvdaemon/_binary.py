@@ -530,6 +530,15 @@ class BinaryHandler:
             mode = "cas"
         self.stats.cmd_set += 1
         result, cas = self.store.store(mode, request.key, request.value, flags, exptime, request.cas)
+        if result == StoreResult.TOO_LARGE:
+            # Non-zero flags add 4 bytes to an item, so a value that passed
+            # the size check in _process_packet can still be too large.
+            # memcached 1.6.18 then replies as for any value over the
+            # limit, and a set, with or without a CAS, drops the old item.
+            if request.opcode in (Opcode.SET, Opcode.SETQ):
+                self.store.delete(request.key)
+            self.send_error(request, Status.E2BIG)
+            return
         if mode == "cas":
             if result == StoreResult.STORED:
                 self.stats.cas_hits += 1
