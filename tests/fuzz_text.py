@@ -45,10 +45,26 @@ def c_number(token: bytes) -> int | None:
     return -value if match.group(1) == b"-" else value
 
 
-def text_unsigned(token: bytes, maximum: int) -> int | None:
-    """A classic command's unsigned field: kvdaemon rejects values out of range."""
+def c_unsigned(token: bytes) -> int | None:
+    """
+    Return a token read by memcached's ``safe_strtoull``: C's ``strtoull``
+    (a minus sign negates modulo 2**64), rejected when a negative number
+    wrapped to 2**63 or more.
+    """
     value = c_number(token)
-    return value if value is not None and 0 <= value <= maximum else None
+    if value is None or not -(2**64) < value < 2**64:
+        return None
+    if value < 0:
+        value += 2**64
+        if value >= 2**63:
+            return None
+    return value
+
+
+def text_unsigned(token: bytes, maximum: int) -> int | None:
+    """A classic command's unsigned field: kvdaemon rejects values above ``maximum``."""
+    value = c_unsigned(token)
+    return value if value is not None and value <= maximum else None
 
 
 def text_signed32(token: bytes) -> int | None:
@@ -67,19 +83,9 @@ def meta_signed32(token: bytes) -> int | None:
 
 
 def meta_unsigned(token: bytes, bits: int) -> int | None:
-    """
-    A meta unsigned field: C's ``strtoull`` (a minus sign negates modulo
-    2**64), rejected when a negative number wrapped to 2**63 or more, then
-    truncated to ``bits``.
-    """
-    value = c_number(token)
-    if value is None or not -(2**64) < value < 2**64:
-        return None
-    if value < 0:
-        value += 2**64
-        if value >= 2**63:
-            return None
-    return value & (2**bits - 1)
+    """A meta unsigned field: read like :func:`c_unsigned`, then truncated to ``bits``."""
+    value = c_unsigned(token)
+    return None if value is None else value & (2**bits - 1)
 
 
 _BASE64_SYMBOLS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
