@@ -284,10 +284,18 @@ class BinaryHandler:
                 self.commands[quiet_opcode] = Command(execute, check, quiet=True, reject_large=reject_large)
 
         self.commands[Opcode.VERSION] = Command(self.cmd_version, no_body, before_auth=True)
-        # With SASL off, memcached replies "Unknown command" to the SASL
-        # opcodes.
-        if self.sasl is not None:
-            sasl_check = expect(key=True, value=True)
+        sasl_check = expect(key=True, value=True)
+        if self.sasl is None:
+            # With SASL off, memcached 1.6.18 still checks the lengths of
+            # the SASL opcodes, closing the connection on a mismatch, and
+            # replies "Unknown command" to well-formed requests.
+            for opcode, check in (
+                (Opcode.SASL_LIST_MECHS, no_body),
+                (Opcode.SASL_AUTH, sasl_check),
+                (Opcode.SASL_STEP, sasl_check),
+            ):
+                self.commands[opcode] = Command(self._reply_unknown, check)
+        else:
             self.commands[Opcode.SASL_LIST_MECHS] = Command(self.cmd_sasl_list_mechs, no_body, before_auth=True)
             self.commands[Opcode.SASL_AUTH] = Command(
                 self.cmd_sasl_auth, sasl_check, before_auth=True, reject_large=self._reject_large_sasl
@@ -424,6 +432,9 @@ class BinaryHandler:
                 magic=magic,
             )
         self.connection.close()
+
+    def _reply_unknown(self, request: Request) -> None:
+        self.send_error(request, Status.UNKNOWN_COMMAND)
 
     def _reject_large(self, request: Request) -> None:
         self.send_error(request, Status.E2BIG)

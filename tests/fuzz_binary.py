@@ -31,6 +31,7 @@ SETQ, ADDQ, REPLACEQ, DELETEQ, INCREMENTQ, DECREMENTQ, QUITQ, FLUSHQ, APPENDQ, P
 VERBOSITY, TOUCH, GAT, GATQ = range(0x1B, 0x1F)
 GATK, GATKQ = 0x23, 0x24
 RANGE_GET, RANGE_DELETE = 0x30, 0x37
+SASL_LIST_MECHS, SASL_AUTH, SASL_STEP = 0x20, 0x21, 0x22
 #: Opcodes whose replies the oracle cannot predict: statistics differ
 #: between the fuzzed server and its twin, and scan ids are random.
 UNPREDICTABLE = frozenset([STAT, 0xDA, 0xDB, 0xDC])
@@ -68,12 +69,16 @@ def _rules() -> dict[int, Rule]:
     touch = Rule((4,), True, True, frozenset([SUCCESS, KEY_ENOENT]))
     bare = Rule((0,), False, False, frozenset([SUCCESS]))
     ranges = Rule(tuple(range(8, 256)), None, False, frozenset([SUCCESS, BUSY]))
+    # With SASL off, memcached 1.6.18 checks the lengths of the SASL
+    # opcodes and replies "Unknown command" to well-formed requests.
+    sasl = Rule((0,), True, True, frozenset([UNKNOWN_COMMAND]))
     rules = {
         GET: get, GETK: get, SET: storage, ADD: storage, REPLACE: storage, APPEND: concatenate,
         PREPEND: concatenate, DELETE: delete, INCREMENT: counter, DECREMENT: counter, QUIT: bare,
         FLUSH: Rule((0, 4), False, False, frozenset([SUCCESS])), NOOP: bare, VERSION: bare,
         TOUCH: touch, GAT: touch, GATK: touch, VERBOSITY: Rule((4,), False, False, frozenset([SUCCESS])),
-        RANGE_GET: ranges, RANGE_DELETE: ranges,
+        RANGE_GET: ranges, RANGE_DELETE: ranges, SASL_LIST_MECHS: Rule((0,), False, False, frozenset([UNKNOWN_COMMAND])),
+        SASL_AUTH: sasl, SASL_STEP: sasl,
     }  # fmt: skip
     quiet_variants = {
         GETQ: GET, GETKQ: GETK, SETQ: SET, ADDQ: ADD, REPLACEQ: REPLACE, APPENDQ: APPEND,
@@ -185,7 +190,7 @@ def binary_requests(draw: st.DrawFn) -> Packet:
 
 #: Opcodes a corrupted opcode may become: every kind the oracle models,
 #: and some that no server knows.
-OPCODE_CHOICES = sorted(RULES) + [0x20, 0x21, 0x25, 0x31, 0x40, 0xFF]
+OPCODE_CHOICES = sorted(RULES) + [0x25, 0x31, 0x40, 0xFF]
 
 
 @st.composite

@@ -515,6 +515,22 @@ class UnknownOpcodeTests(BinaryTestCase):
         self.assert_error(responses[1], SASL_AUTH, UNKNOWN)
         self.assertEqual(responses[2].opcode, NOOP)
 
+    def test_malformed_sasl_opcodes_closed_when_sasl_off(self) -> None:
+        # memcached 1.6.18 checks the SASL opcodes' lengths even with SASL
+        # off.  A mechanism list takes no body, and an auth or step needs a
+        # key and no extras.
+        malformed = [
+            request(SASL_LIST, b"PLAIN", opaque=4),
+            request(SASL_AUTH, opaque=4),
+            request(SASL_STEP, b"PLAIN", b"1234", opaque=4),
+        ]
+        for packet in malformed:
+            self.setUp()
+            responses = self.send(packet + NOOP_PACKET)
+            self.assertEqual(len(responses), 1, packet)
+            self.assert_error(responses[0], packet[1], INVALID, 4)
+            self.assert_closed()
+
 
 class MalformedRequestTests(BinaryTestCase):
     def test_wrong_magic_closes_silently(self) -> None:
