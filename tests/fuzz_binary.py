@@ -189,7 +189,7 @@ def binary_requests(draw: st.DrawFn) -> Packet:
 # -- corruptions --
 
 #: Opcodes a corrupted opcode may become: every kind the oracle models,
-#: and some that no server knows.
+#: and some that no server implements.
 OPCODE_CHOICES = sorted(RULES) + [0x25, 0x31, 0x40, 0xFF]
 
 
@@ -244,9 +244,10 @@ class Unit(NamedTuple):
     """
     One packet of a stream as memcached frames it.
 
-    ``outcome`` is ``execute``, ``reject`` (``reply`` is the exact error
-    response; the connection closes when ``close``) or ``drop`` (an
-    invalid magic: the connection closes without a reply).
+    ``outcome`` is ``execute``, ``reject`` or ``drop``.  For ``reject``,
+    ``reply`` is the exact error response, and ``close`` says whether the
+    connection closes after it.  ``drop`` is an invalid magic, after which
+    the connection closes without a reply.
     """
 
     raw: bytes

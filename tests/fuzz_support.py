@@ -1,8 +1,7 @@
 """
-The in-process server pair that the fuzz tests drive: a server that gets
-the fuzzed input and a twin that gets the same requests one at a time, as
-an oracle predicted them, so that the two stores and the replies can be
-compared.
+The in-process servers that the fuzz tests drive.  One server gets the
+fuzzed input.  A twin gets the same requests one at a time, as an oracle
+framed them, so that the test can compare the two stores and the replies.
 
 Everything runs synchronously on the test's thread: the reactor is a fake
 clock and the worker pool runs its queued steps when :meth:`FuzzServer.pump`
@@ -39,7 +38,7 @@ ITEM_OVERHEAD = 48 + 8 + 1 + 2
 #: The largest key memcached accepts.
 MAX_KEY_LENGTH = 250
 
-#: Items every fuzzed server holds before the fuzzing starts.  Fuzzed
+#: Items every fuzzed server stores before the fuzzing starts.  Fuzzed
 #: requests use keys from :data:`KEYS`, and one byte of corruption cannot
 #: turn any of those into ``!kept``.
 KEPT_KEY = b"!kept"

@@ -5,11 +5,11 @@ stream into requests the way memcached 1.6 frames them.
 
 The oracle (:func:`frame_text`) is written from memcached's protocol rules,
 not with kvdaemon's parser.  For each request it predicts whether the
-server must reject it (and with which class of error line), close the
-connection, or execute it; for a request it executes, it also gives the
-request in canonical form (single spaces, numbers in plain decimal, ignored
-tokens dropped), which the tests send to a twin server to obtain the
-normal reply.
+server must reject it (and with which error line), close the connection,
+or execute it.  For a request that the server executes, it also gives the
+request in canonical form (single spaces, numbers in plain decimal,
+ignored tokens dropped), which the tests send to a twin server to obtain
+the normal reply.
 """
 
 from __future__ import annotations
@@ -62,13 +62,20 @@ def c_unsigned(token: bytes) -> int | None:
 
 
 def text_unsigned(token: bytes, maximum: int) -> int | None:
-    """A classic command's unsigned field: kvdaemon rejects values above ``maximum``."""
+    """
+    A classic command's unsigned field.  kvdaemon rejects values above
+    ``maximum``, where memcached 1.6.18 truncates flags to 32 bits.
+    """
     value = c_unsigned(token)
     return value if value is not None and value <= maximum else None
 
 
 def text_signed32(token: bytes) -> int | None:
-    """A classic command's signed 32-bit field (expiry time, data length)."""
+    """
+    A classic command's signed 32-bit field (expiry time, data length).
+    kvdaemon rejects values out of range, where memcached 1.6.18
+    truncates them.
+    """
     value = c_number(token)
     return value if value is not None and _I32[0] <= value <= _I32[1] else None
 
@@ -123,7 +130,7 @@ def item_fits(key: bytes, length: int, flags: int) -> bool:
 @attrs.define
 class Field:
     """
-    One token of a request line.  ``kind`` says how the server reads it
+    One token of a request line.  ``kind`` names how the server reads it
     and which corruptions apply: ``command``, ``key``, ``u32``, ``i32``,
     ``u64``, ``length`` (the data block's length), ``bool`` (rget's 0 or 1),
     ``noreply``, ``flag`` (a meta flag without a number), ``number_flag``
@@ -305,7 +312,7 @@ BOUNDARY_NUMBERS = {
     ],
 }  # fmt: skip
 
-#: Letters a meta flag may be swapped to: flags memcached knows, letters
+#: Letters a meta flag may be swapped to: flags memcached accepts, letters
 #: it rejects, and bytes above 126, which it reports as duplicate flags.
 SWAP_LETTERS = [bytes([letter]) for letter in b"vkstcfqhlubIOTNRFCEDJMPLZxyWS!"] + [b"\x7f", b"\x80", b"\xc3", b"\xff"]
 
@@ -356,14 +363,16 @@ def corrupt(draw: st.DrawFn, request: TextRequest) -> bytes:
         fields.insert(draw(st.integers(1, len(fields))), _field("junk", draw(st.sampled_from([b"noreply", b"0", b"X"]))))
     else:
         assert data is not None
-        how = draw(st.sampled_from(["length field", "shorter data", "longer data", "trailer"]))
+        change = draw(st.sampled_from(["length field", "shorter data", "longer data", "trailer"]))
+        if change == "shorter data" and not data:
+            change = "longer data"
         length_field = next(field for field in fields if field.kind == "length")
-        if how == "length field":
+        if change == "length field":
             length = len(data) + draw(st.sampled_from([-3, -2, -1, 1, 2, 3, 7, MAX_ITEM_SIZE // 2, MAX_ITEM_SIZE]))
             length_field.value = b"%d" % length
-        elif how == "shorter data" and data:
+        elif change == "shorter data":
             data = data[: draw(st.integers(0, len(data) - 1))]
-        elif how == "longer data":
+        elif change == "longer data":
             data += draw(values.filter(bool))
         else:
             line = b" ".join(field.value for field in fields)
@@ -381,8 +390,9 @@ class Unit(NamedTuple):
 
     ``outcome`` is ``execute``, ``reject`` (the error line ``line``, or
     one of class ``error`` where ``line`` is ``None``, or nothing when the
-    request asked for no reply) or ``close``.  ``twin`` is the request the twin server gets: the
-    canonical form of an executed request, the raw bytes otherwise.
+    request asked for no reply) or ``close``.  ``twin`` is the request the
+    twin server gets: the canonical form of an executed request, the raw
+    bytes otherwise.
     """
 
     raw: bytes
@@ -555,8 +565,8 @@ def _frame_data(
     if stream[end - 2 : end] != b"\r\n":
         return _rejected_unit(raw, BAD_CHUNK, quiet), end
     data = stream[line_end : end - 2]
-    # A counter can store a value that is not a number, and only incr and
-    # decr may then answer with an error; storage never does.
+    # Storage never replies with an error line once its data block is
+    # read whole.
     return Unit(line, "execute", canonical_line + data + b"\r\n"), end
 
 
@@ -605,9 +615,10 @@ def _parse_meta_set(tokens: list[bytes]) -> tuple[bytes, int, bytes, int, bool]:
 
 def _parse_meta_flags(tokens: list[bytes], modes: frozenset[int] | None, key: bytes) -> list[tuple[bytes, object]]:
     """
-    Read the flags of a meta request for ``key``; return ``(letter,
-    argument)`` pairs, the argument being the number of a numeric flag and
-    the rest of the token otherwise.
+    Read the flags of a meta request for ``key``.
+
+    :return: ``(letter, argument)`` pairs.  The argument is the number of
+        a numeric flag and the rest of the token for any other flag.
     """
     seen = set()
     flags = []
@@ -654,7 +665,7 @@ def _parse_line(tokens: list[bytes]) -> tuple[bytes, bool, bool, bool]:
     Parse a request without a data block.
 
     :return: its canonical form, whether it asked for no reply, whether it
-        may answer with an error line, and whether it deletes a range.
+        may reply with an error line, and whether it deletes a range.
     :raise _Rejected: the request is invalid.
     """
     if not tokens:

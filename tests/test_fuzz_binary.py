@@ -2,11 +2,11 @@
 Property-based fuzz tests of the binary protocol parser.
 
 Valid requests with exactly one corrupted header or body field must get
-the reply that :func:`tests.fuzz_binary.frame_binary` predicts: the exact
-error response (and a close where memcached closes), a close without a
-reply for a wrong magic, or, when the corruption made another valid
-request, that request's normal reply, which a twin server gives and whose
-opcode, opaque and status are checked.  Valid pipelines split at every
+the reply that :func:`tests.fuzz_binary.frame_binary` predicts.  That is
+the exact error response (and a close where memcached closes), a close
+without a reply for a wrong magic, or, when the corruption made another
+valid request, that request's normal reply.  A twin server gives the
+normal reply, and the test checks its opcode, opaque and status.  Valid pipelines split at every
 byte boundary must get the same replies as in one read.  In every case
 nothing may raise out of ``dataReceived`` or reach the connection's
 unexpected-error log, the fuzzed server's items must equal the twin's,

@@ -2,9 +2,10 @@
 Property-based fuzz tests of the text and meta protocol parsers.
 
 Valid requests with exactly one corrupted field must get the reply that
-:func:`tests.fuzz_text.frame_text` predicts: an error line of the right
-class, a close, or, when the corruption made another valid request, that
-request's normal reply, which a twin server gives for its canonical form.
+:func:`tests.fuzz_text.frame_text` predicts.  That is memcached's error
+line (its class only, for meta commands), a close, or, when the
+corruption made another valid request, that request's normal reply, which
+a twin server gives for its canonical form.
 Valid pipelines split at every byte boundary must get the same replies as
 in one read.  In every case nothing may raise out of ``dataReceived`` or
 reach the connection's unexpected-error log, the fuzzed server's items
