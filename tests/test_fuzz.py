@@ -56,16 +56,36 @@ def _binary_packets(draw: st.DrawFn) -> bytes:
 
 _BINARY_STREAMS = st.lists(_binary_packets(), max_size=6).map(lambda packets: b"\x80" + b"".join(packets)[1:] if packets else b"")
 
+SASL_USERS = {b"fuzz": b"secret"}
+
+
+def _sasl_auth(mechanism: bytes, message: bytes, opaque: int = 1) -> bytes:
+    body_length = len(mechanism) + len(message)
+    return _BINARY_HEADER.pack(0x80, 0x21, len(mechanism), 0, 0, 0, body_length, opaque, 0) + mechanism + message
+
+
+#: A SASL PLAIN exchange that succeeds, one that fails, or none, then
+#: half-valid binary packets.
+_SASL_STREAMS = st.tuples(
+    st.sampled_from([b"", _sasl_auth(b"PLAIN", b"\0fuzz\0secret"), _sasl_auth(b"PLAIN", b"\0fuzz\0wrong")]),
+    st.lists(_binary_packets(), max_size=5).map(b"".join),
+).map(b"".join)
+
 
 class FuzzTests(SynchronousTestCase):
-    def run_stream(self, data: bytes, split_at: list[int]) -> None:
-        # flush_all and range deletes are turned off: they destroy data on
-        # purpose, and the key KEPT_KEY is not among the fuzzed words.
-        server = FuzzServer(Settings(threads=1, allow_destructive=False))
+    def fuzz(self, settings: Settings, data: bytes, split_at: list[int]) -> FuzzServer:
+        """Deliver ``data`` cut at ``split_at`` to a new server and check that no unexpected error was logged."""
+        server = FuzzServer(settings)
         with LogWatch() as watch:
             fuzzer = server.connect()
             server.deliver(fuzzer, split(data, split_at))
         self.assertEqual(watch.failures, [], describe(data))
+        return server
+
+    def run_stream(self, data: bytes, split_at: list[int]) -> None:
+        # flush_all and range deletes are turned off: they destroy data on
+        # purpose, and the key KEPT_KEY is not among the fuzzed words.
+        server = self.fuzz(Settings(threads=1, allow_destructive=False), data, split_at)
         keeper = server.connect()
         self.assertEqual(keeper.send(b"get %s\r\n" % KEPT_KEY), b"VALUE %s 5 4\r\n%s\r\nEND\r\n" % (KEPT_KEY, KEPT_VALUE))
         self.assertEqual(keeper.send(b"set !fresh 0 0 2\r\nok\r\nget !fresh\r\n"), b"STORED\r\nVALUE !fresh 0 2\r\nok\r\nEND\r\n")
@@ -90,3 +110,18 @@ class FuzzTests(SynchronousTestCase):
     def test_random_bytes_on_binary_connection_never_fail(self, data: bytes, split_at: list[int]) -> None:
         # The first byte 0x80 makes the connection a binary one.
         self.run_stream(b"\x80" + data, split_at)
+
+    @fuzz_settings(200)
+    @given(_SASL_STREAMS, st.lists(st.integers(0, 300), max_size=5))
+    def test_binary_fuzz_with_sasl_never_fails(self, data: bytes, split_at: list[int]) -> None:
+        settings = Settings(threads=1, allow_destructive=False, sasl_users=SASL_USERS)
+        server = self.fuzz(settings, data, split_at)
+        keeper = server.connect()
+        get = _BINARY_HEADER.pack(0x80, 0x00, len(KEPT_KEY), 0, 0, 0, len(KEPT_KEY), 2, 0) + KEPT_KEY
+        reply = keeper.send(_sasl_auth(b"PLAIN", b"\0fuzz\0secret") + get)
+        auth_header = _BINARY_HEADER.unpack_from(reply)
+        self.assertEqual((auth_header[1], auth_header[5]), (0x21, 0), reply)
+        get_start = _BINARY_HEADER.size + auth_header[6]
+        get_header = _BINARY_HEADER.unpack_from(reply, get_start)
+        self.assertEqual((get_header[1], get_header[5], get_header[7]), (0x00, 0, 2), reply)
+        self.assertEqual(reply[get_start + _BINARY_HEADER.size + 4 :], KEPT_VALUE)

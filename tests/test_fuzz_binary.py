@@ -6,11 +6,11 @@ the reply that :func:`tests.fuzz_binary.frame_binary` predicts.  That is
 the exact error response (and a close where memcached closes), a close
 without a reply for a wrong magic, or, when the corruption made another
 valid request, that request's normal reply.  A twin server gives the
-normal reply, and the test checks its opcode, opaque and status.  Valid pipelines split at every
-byte boundary must get the same replies as in one read.  In every case
-nothing may raise out of ``dataReceived`` or reach the connection's
-unexpected-error log, the fuzzed server's items must equal the twin's,
-and a new connection must still be served.
+normal reply, and the test checks its opcode, opaque and status.  Valid
+pipelines split at every byte boundary must get the same replies as in
+one read.  In every case nothing may raise out of ``dataReceived`` or
+reach the connection's unexpected-error log, the fuzzed server's items
+must equal the twin's, and a new connection must still be served.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class BinaryFuzzTestCase(FuzzTestCase):
 class CorruptedBinaryRequestTests(BinaryFuzzTestCase):
     """Binary requests with one corrupted field."""
 
-    @fuzz_settings(600)
+    @fuzz_settings(800)
     @given(corrupted_streams(), st.lists(st.integers(0, 400), max_size=3))
     def test_binary_corruption_matches_oracle(self, stream: bytes, cuts: list[int]) -> None:
         self.check_stream(stream, cuts)

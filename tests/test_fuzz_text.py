@@ -5,11 +5,11 @@ Valid requests with exactly one corrupted field must get the reply that
 :func:`tests.fuzz_text.frame_text` predicts.  That is memcached's error
 line (its class only, for meta commands), a close, or, when the
 corruption made another valid request, that request's normal reply, which
-a twin server gives for its canonical form.
-Valid pipelines split at every byte boundary must get the same replies as
-in one read.  In every case nothing may raise out of ``dataReceived`` or
-reach the connection's unexpected-error log, the fuzzed server's items
-must equal the twin's, and a new connection must still be served.
+a twin server gives for its canonical form.  Valid pipelines split at
+every byte boundary must get the same replies as in one read.  In every
+case nothing may raise out of ``dataReceived`` or reach the connection's
+unexpected-error log, the fuzzed server's items must equal the twin's,
+and a new connection must still be served.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def corrupted_streams(draw: st.DrawFn, requests: st.SearchStrategy) -> bytes:
     pipeline = draw(st.lists(st.tuples(requests, corrupted), min_size=1, max_size=6))
     target = draw(st.integers(0, len(pipeline) - 1))
     parts = []
-    for index, (request, corrupted) in enumerate(pipeline):
-        if corrupted or index == target:
+    for index, (request, damaged) in enumerate(pipeline):
+        if damaged or index == target:
             parts.append(draw(corrupt(request)))
         else:
             parts.append(request.encode())
@@ -61,7 +61,7 @@ class TextFuzzTestCase(FuzzTestCase):
         )
 
     def text_twin_reply(self, twin: FuzzServer, unit: Unit, stream: bytes) -> bytes:
-        """Send one unit to the twin on a new text connection and check its reply's class."""
+        """Send one unit to the twin on a new text connection and check its reply against the oracle."""
         client = twin.connect()
         # A request first, so that the connection is a text one whatever
         # byte the unit starts with.
@@ -99,7 +99,7 @@ class TextFuzzTestCase(FuzzTestCase):
 class CorruptedClassicRequestTests(TextFuzzTestCase):
     """Classic text requests with one corrupted field."""
 
-    @fuzz_settings(600)
+    @fuzz_settings(800)
     @given(corrupted_streams(classic_requests), st.lists(st.integers(0, 300), max_size=3))
     def test_classic_corruption_matches_oracle(self, stream: bytes, cuts: list[int]) -> None:
         self.check_stream(stream, cuts)
@@ -108,7 +108,7 @@ class CorruptedClassicRequestTests(TextFuzzTestCase):
 class CorruptedMetaRequestTests(TextFuzzTestCase):
     """Meta requests with one corrupted field."""
 
-    @fuzz_settings(500)
+    @fuzz_settings(600)
     @given(corrupted_streams(meta_requests()), st.lists(st.integers(0, 300), max_size=3))
     def test_meta_corruption_matches_oracle(self, stream: bytes, cuts: list[int]) -> None:
         self.check_stream(stream, cuts)
