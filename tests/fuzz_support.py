@@ -3,9 +3,9 @@ The in-process servers that the fuzz tests drive.  One server gets the
 fuzzed input.  A twin gets the same requests one at a time, as an oracle
 framed them, so that the test can compare the two stores and the replies.
 
-Everything runs synchronously on the test's thread: the reactor is a fake
-clock and the worker pool runs its queued steps when :meth:`FuzzServer.pump`
-asks.
+Everything runs synchronously on the test's thread.  The reactor is a
+fake clock, and the worker pool runs its queued steps only when
+:meth:`FuzzServer.pump` is called.
 """
 
 from __future__ import annotations
