@@ -284,10 +284,18 @@ class BinaryHandler:
                 self.commands[quiet_opcode] = Command(execute, check, quiet=True, reject_large=reject_large)
 
         self.commands[Opcode.VERSION] = Command(self.cmd_version, no_body, before_auth=True)
-        # With SASL off, memcached replies "Unknown command" to the SASL
-        # opcodes.
-        if self.sasl is not None:
-            sasl_check = expect(key=True, value=True)
+        sasl_check = expect(key=True, value=True)
+        if self.sasl is None:
+            # With SASL off, memcached 1.6.18 still checks the lengths of
+            # the SASL opcodes, closing the connection on a mismatch, and
+            # replies "Unknown command" to well-formed requests.
+            for opcode, check in (
+                (Opcode.SASL_LIST_MECHS, no_body),
+                (Opcode.SASL_AUTH, sasl_check),
+                (Opcode.SASL_STEP, sasl_check),
+            ):
+                self.commands[opcode] = Command(self._reply_unknown, check)
+        else:
             self.commands[Opcode.SASL_LIST_MECHS] = Command(self.cmd_sasl_list_mechs, no_body, before_auth=True)
             self.commands[Opcode.SASL_AUTH] = Command(
                 self.cmd_sasl_auth, sasl_check, before_auth=True, reject_large=self._reject_large_sasl
@@ -425,6 +433,9 @@ class BinaryHandler:
             )
         self.connection.close()
 
+    def _reply_unknown(self, request: Request) -> None:
+        self.send_error(request, Status.UNKNOWN_COMMAND)
+
     def _reject_large(self, request: Request) -> None:
         self.send_error(request, Status.E2BIG)
 
@@ -530,6 +541,15 @@ class BinaryHandler:
             mode = "cas"
         self.stats.cmd_set += 1
         result, cas = self.store.store(mode, request.key, request.value, flags, exptime, request.cas)
+        if result == StoreResult.TOO_LARGE:
+            # Non-zero flags add 4 bytes to an item, so a value that passed
+            # the size check in _process_packet can still be too large.
+            # memcached 1.6.18 then replies as for any value over the
+            # limit, and a set, with or without a CAS, drops the old item.
+            if request.opcode in (Opcode.SET, Opcode.SETQ):
+                self.store.delete(request.key)
+            self.send_error(request, Status.E2BIG)
+            return
         if mode == "cas":
             if result == StoreResult.STORED:
                 self.stats.cas_hits += 1

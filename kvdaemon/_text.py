@@ -102,12 +102,20 @@ def read_number(token: bytes) -> int | None:
 def parse_uint(token: bytes, maximum: int, reply: bytes = BAD_FORMAT) -> int:
     """
     Parse an unsigned decimal as memcached's ``safe_strtoul`` and
-    ``safe_strtoull`` do (``+5`` and ``-0`` are accepted).
+    ``safe_strtoull`` do (``+5``, ``-0`` and ``-18446744073709551615``,
+    which wraps to 1, are accepted).
 
     :raise ProtocolError: with ``reply``, for anything else or a value above
         ``maximum``.
     """
     value = read_number(token)
+    if value is not None and -_U64_MAX <= value < 0:
+        # C's strtoull negates a number below 2**64 modulo 2**64, and
+        # memcached 1.6.18 rejects the result only when it is 2**63 or
+        # more.
+        value += _U64_MAX + 1
+        if value >= 2**63:
+            value = None
     if value is None or not 0 <= value <= maximum:
         raise ProtocolError(reply)
     return value

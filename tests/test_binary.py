@@ -530,6 +530,22 @@ class UnknownOpcodeTests(BinaryTestCase):
         self.assert_error(responses[1], SASL_AUTH, UNKNOWN)
         self.assertEqual(responses[2].opcode, NOOP)
 
+    def test_malformed_sasl_opcodes_closed_when_sasl_off(self) -> None:
+        # memcached 1.6.18 checks the SASL opcodes' lengths even with SASL
+        # off.  A mechanism list takes no body, and an auth or step needs a
+        # key and no extras.
+        malformed = [
+            request(SASL_LIST, b"PLAIN", opaque=4),
+            request(SASL_AUTH, opaque=4),
+            request(SASL_STEP, b"PLAIN", b"1234", opaque=4),
+        ]
+        for packet in malformed:
+            self.setUp()
+            responses = self.send(packet + NOOP_PACKET)
+            self.assertEqual(len(responses), 1, packet)
+            self.assert_error(responses[0], packet[1], INVALID, 4)
+            self.assert_closed()
+
 
 class MalformedRequestTests(BinaryTestCase):
     def test_wrong_magic_closes_silently(self) -> None:
@@ -629,6 +645,40 @@ class MalformedRequestTests(BinaryTestCase):
         responses = self.send(request(ADD, b"k", storage_extras(), b"x" * (self.settings.max_item_size + 1)))
         self.assert_error(responses[0], ADD, TOO_LARGE)
         self.assertEqual(self.factory.store.get(b"k").value, b"old")
+
+    def value_too_large_with_flags(self) -> bytes:
+        """A value for key ``k`` that fits the item size limit with flags 0 and not with other flags."""
+        # memcached counts 59 bytes besides key and value, and 4 more for
+        # non-zero flags.
+        return b"x" * (self.settings.max_item_size - 59 - len(b"k") - 2)
+
+    def test_set_too_large_with_flags(self) -> None:
+        self.set_item(b"k", b"old")
+        value = self.value_too_large_with_flags()
+        responses = self.send(request(SET, b"k", storage_extras(flags=1), value, opaque=3) + NOOP_PACKET)
+        self.assertEqual(len(responses), 2)
+        self.assert_error(responses[0], SET, TOO_LARGE, 3)
+        self.assertEqual(responses[1].opcode, NOOP)
+        self.assertIsNone(self.factory.store.get(b"k"))
+        self.assert_open()
+
+    def test_set_with_cas_too_large_with_flags(self) -> None:
+        cas = self.set_item(b"k", b"old")
+        value = self.value_too_large_with_flags()
+        response = self.send_one(request(SET, b"k", storage_extras(flags=1), value, cas=cas))
+        self.assert_error(response, SET, TOO_LARGE)
+        # memcached drops the old item of a set that is too large, CAS or not.
+        self.assertIsNone(self.factory.store.get(b"k"))
+
+    def test_add_too_large_with_flags_keeps_item(self) -> None:
+        self.set_item(b"k", b"old")
+        response = self.send_one(request(ADDQ, b"k", storage_extras(flags=1), self.value_too_large_with_flags()))
+        self.assert_error(response, ADDQ, TOO_LARGE)
+        self.assertEqual(self.factory.store.get(b"k").value, b"old")
+
+    def test_set_at_limit_without_flags_stored(self) -> None:
+        response = self.send_one(request(SET, b"k", storage_extras(flags=0), self.value_too_large_with_flags()))
+        self.assertEqual(response.status, SUCCESS)
 
     def test_garbage_after_valid_request_never_raises(self) -> None:
         # Every byte value as an opcode with every small header shape: the

@@ -2,21 +2,21 @@
 Fuzz tests: random and half-valid input on text, meta, binary and range
 connections never raises out of ``dataReceived``, never reaches the
 connection's unexpected-error handler, and never disturbs another
-connection or the data it stored.
+connection or the data it stored; a new connection is still served.
+
+The tests with an oracle for the replies are in ``test_fuzz_text`` and
+``test_fuzz_binary``.
 """
 
 from __future__ import annotations
 
 import struct
 
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-from twisted.logger import LogLevel, capturedLogs
+from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from kvdaemon import KVDaemonFactory, Settings
-from tests.support import Client, FakeReactor, FakeThreadPool
-
-NOW = 1_700_000_000
+from kvdaemon import Settings
+from tests.fuzz_support import KEPT_KEY, KEPT_VALUE, FuzzServer, LogWatch, describe, fuzz_settings, split
 
 #: Words that make half-valid text requests more likely than random bytes would.
 _WORDS = [
@@ -56,47 +56,72 @@ def _binary_packets(draw: st.DrawFn) -> bytes:
 
 _BINARY_STREAMS = st.lists(_binary_packets(), max_size=6).map(lambda packets: b"\x80" + b"".join(packets)[1:] if packets else b"")
 
+SASL_USERS = {b"fuzz": b"secret"}
+
+
+def _sasl_auth(mechanism: bytes, message: bytes, opaque: int = 1) -> bytes:
+    body_length = len(mechanism) + len(message)
+    return _BINARY_HEADER.pack(0x80, 0x21, len(mechanism), 0, 0, 0, body_length, opaque, 0) + mechanism + message
+
+
+#: A SASL PLAIN exchange that succeeds, one that fails, or none, then
+#: half-valid binary packets.
+_SASL_STREAMS = st.tuples(
+    st.sampled_from([b"", _sasl_auth(b"PLAIN", b"\0fuzz\0secret"), _sasl_auth(b"PLAIN", b"\0fuzz\0wrong")]),
+    st.lists(_binary_packets(), max_size=5).map(b"".join),
+).map(b"".join)
+
 
 class FuzzTests(SynchronousTestCase):
+    def fuzz(self, settings: Settings, data: bytes, split_at: list[int]) -> FuzzServer:
+        """Deliver ``data`` cut at ``split_at`` to a new server and check that no unexpected error was logged."""
+        server = FuzzServer(settings)
+        with LogWatch() as watch:
+            fuzzer = server.connect()
+            server.deliver(fuzzer, split(data, split_at))
+        self.assertEqual(watch.failures, [], describe(data))
+        return server
+
     def run_stream(self, data: bytes, split_at: list[int]) -> None:
-        reactor = FakeReactor()
-        reactor.advance(NOW)
-        pool = FakeThreadPool()
         # flush_all and range deletes are turned off: they destroy data on
-        # purpose, and the key "kept" is not among the fuzzed words.
-        factory = KVDaemonFactory(Settings(threads=1, allow_destructive=False), reactor=reactor, threadpool=pool)
-        keeper = Client(factory, 40000)
-        self.assertEqual(keeper.send(b"set kept 5 0 4\r\nsafe\r\n"), b"STORED\r\n")
+        # purpose, and the key KEPT_KEY is not among the fuzzed words.
+        server = self.fuzz(Settings(threads=1, allow_destructive=False), data, split_at)
+        keeper = server.connect()
+        self.assertEqual(keeper.send(b"get %s\r\n" % KEPT_KEY), b"VALUE %s 5 4\r\n%s\r\nEND\r\n" % (KEPT_KEY, KEPT_VALUE))
+        self.assertEqual(keeper.send(b"set !fresh 0 0 2\r\nok\r\nget !fresh\r\n"), b"STORED\r\nVALUE !fresh 0 2\r\nok\r\nEND\r\n")
 
-        fuzzer = Client(factory, 40001)
-        cuts = sorted({min(cut, len(data)) for cut in split_at} | {0, len(data)})
-        with capturedLogs() as events:
-            for start, end in zip(cuts, cuts[1:]):
-                fuzzer.protocol.dataReceived(data[start:end])
-            # Let any stream the input started run to its end.
-            for _ in range(10000):
-                if pool.pending:
-                    pool.run_next()
-                elif reactor.thread_calls:
-                    reactor.run_thread_calls()
-                else:
-                    break
-
-        failures = [event for event in events if "log_failure" in event or event.get("log_level") == LogLevel.critical]
-        self.assertEqual(failures, [], data)
-        self.assertEqual(keeper.send(b"get kept\r\n"), b"VALUE kept 5 4\r\nsafe\r\nEND\r\n")
-
-    @hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @fuzz_settings(300)
     @given(_TEXT_STREAMS, st.lists(st.integers(0, 400), max_size=5))
     def test_text_fuzz_never_fails(self, data: bytes, split_at: list[int]) -> None:
         self.run_stream(data, split_at)
 
-    @hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @fuzz_settings(300)
     @given(_BINARY_STREAMS, st.lists(st.integers(0, 400), max_size=5))
     def test_binary_fuzz_never_fails(self, data: bytes, split_at: list[int]) -> None:
         self.run_stream(data, split_at)
 
-    @hypothesis_settings(max_examples=200, deadline=None)
+    @fuzz_settings(200)
     @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
     def test_random_bytes_never_fail(self, data: bytes, split_at: list[int]) -> None:
         self.run_stream(data, split_at)
+
+    @fuzz_settings(200)
+    @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
+    def test_random_bytes_on_binary_connection_never_fail(self, data: bytes, split_at: list[int]) -> None:
+        # The first byte 0x80 makes the connection a binary one.
+        self.run_stream(b"\x80" + data, split_at)
+
+    @fuzz_settings(200)
+    @given(_SASL_STREAMS, st.lists(st.integers(0, 300), max_size=5))
+    def test_binary_fuzz_with_sasl_never_fails(self, data: bytes, split_at: list[int]) -> None:
+        settings = Settings(threads=1, allow_destructive=False, sasl_users=SASL_USERS)
+        server = self.fuzz(settings, data, split_at)
+        keeper = server.connect()
+        get = _BINARY_HEADER.pack(0x80, 0x00, len(KEPT_KEY), 0, 0, 0, len(KEPT_KEY), 2, 0) + KEPT_KEY
+        reply = keeper.send(_sasl_auth(b"PLAIN", b"\0fuzz\0secret") + get)
+        auth_header = _BINARY_HEADER.unpack_from(reply)
+        self.assertEqual((auth_header[1], auth_header[5]), (0x21, 0), reply)
+        get_start = _BINARY_HEADER.size + auth_header[6]
+        get_header = _BINARY_HEADER.unpack_from(reply, get_start)
+        self.assertEqual((get_header[1], get_header[5], get_header[7]), (0x00, 0, 2), reply)
+        self.assertEqual(reply[get_start + _BINARY_HEADER.size + 4 :], KEPT_VALUE)

@@ -103,6 +103,15 @@ class StorageCommandTests(TextTestCase):
         self.assertEqual(self.send(b"set j 0 0 1\r\r\ny\r\n"), b"STORED\r\n")
         self.assertEqual(self.send(b"get k j\r\n"), b"VALUE k 7 1\r\nx\r\nVALUE j 0 1\r\ny\r\nEND\r\n")
 
+    def test_negative_flags_and_cas_wrap_like_strtoull(self) -> None:
+        # "-18446744073709551615" is 1 modulo 2**64.  "-1" wraps to 2**64 - 1,
+        # which memcached 1.6.18 rejects because of its minus sign.
+        self.assertEqual(self.send(b"set k -18446744073709551615 0 1\r\nx\r\n"), b"STORED\r\n")
+        self.assertEqual(self.send(b"gets k\r\n"), b"VALUE k 1 1 1\r\nx\r\nEND\r\n")
+        self.assertEqual(self.send(b"cas k 0 0 1 -18446744073709551615\r\ny\r\n"), b"STORED\r\n")
+        self.assertEqual(self.send(b"set k -1 0 1\r\nx\r\n"), BAD_FORMAT + b"ERROR\r\n")
+        self.assertEqual(self.send(b"cas k 0 0 1 -1\r\nx\r\n"), BAD_FORMAT + b"ERROR\r\n")
+
     def test_add(self) -> None:
         self.assertEqual(self.send(b"add k 0 0 1\r\na\r\n"), b"STORED\r\n")
         self.assertEqual(self.send(b"add k 0 0 1\r\nb\r\n"), b"NOT_STORED\r\n")
@@ -509,6 +518,16 @@ class ArithmeticTests(TextTestCase):
         for delta in [b"x", b"-1", b"1.5", b"18446744073709551616"]:
             self.assertEqual(self.send(b"incr n " + delta + b"\r\n"), INVALID_DELTA, delta)
         self.assertEqual(self.send(b"incr n +2\r\n"), b"7\r\n")
+
+    def test_negative_delta_wraps_like_strtoull(self) -> None:
+        # memcached 1.6.18 reads a minus sign as C's strtoull does, modulo
+        # 2**64, and rejects the result only from 2**63 up.
+        self.send(b"set n 0 0 1\r\n5\r\n")
+        self.assertEqual(self.send(b"incr n -18446744073709551615\r\n"), b"6\r\n")
+        self.assertEqual(self.send(b"decr n -18446744073709551614\r\n"), b"4\r\n")
+        self.assertEqual(self.send(b"incr n -9223372036854775808\r\n"), INVALID_DELTA)
+        self.assertEqual(self.send(b"incr n -18446744073709551616\r\n"), INVALID_DELTA)
+        self.assertEqual(self.send(b"decr n -9223372036854775809\r\n"), b"0\r\n")
 
     def test_token_count(self) -> None:
         self.send(b"set n 0 0 1\r\n5\r\n")
