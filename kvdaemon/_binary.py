@@ -434,6 +434,11 @@ class BinaryHandler:
         self.connection.close()
 
     def _reply_unknown(self, request: Request) -> None:
+        self.log.info(
+            "SASL opcode 0x{opcode:02x} from {peer}, but SASL is off",
+            opcode=request.opcode,
+            peer=self.connection.peer,
+        )
         self.send_error(request, Status.UNKNOWN_COMMAND)
 
     def _reject_large(self, request: Request) -> None:
