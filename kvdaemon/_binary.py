@@ -229,6 +229,7 @@ class BinaryHandler:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self.log = connection.logger_for(self)
         factory = connection.factory
         self.factory = factory
         self.store = factory.store

@@ -138,6 +138,7 @@ class BinaryRangeCommands:
 
     def __init__(self, handler: BinaryHandler) -> None:
         self.handler = handler
+        self.log = handler.connection.logger_for(self)
 
     def range_get(self, request: Request) -> None:
         key_range = self._parse(request)

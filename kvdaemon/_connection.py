@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kvdaemon._directwrite import direct_sender
+from kvdaemon._logging import LimitedLogger, LogLimit, limited_logger
 from kvdaemon._streaming import Stream, StreamJob, StreamStalled
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class Connection(protocol.Protocol):
         self.address = ""
         self.listen_address = ""
         self.last_request_time = 0.0
+        #: The log budget that this connection's handlers share.
+        self.log_limit: LogLimit | None = None
 
     # -- IProtocol --
 
@@ -132,6 +135,7 @@ class Connection(protocol.Protocol):
         self.listen_address = describe_address(self.transport.getHost())
         self._seconds = self.factory.reactor.seconds
         self.last_request_time = self._seconds()
+        self.log_limit = LogLimit(self._seconds, self.peer)
         self.transport.registerProducer(self, True)
         self._send_now = direct_sender(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -173,11 +177,17 @@ class Connection(protocol.Protocol):
             self.log.info("Closed {peer} after a TLS error: {error}", peer=self.peer, error=reason.value)
         self.closing = True
         self._unfinished_reply = None
+        if self.log_limit is not None:
+            self.log_limit.report()
         if self.stream is not None:
             self.stream.cancel()
         if self.handler is not None:
             self.handler.connection_lost()
         self.factory.connection_closed(self)
+
+    def logger_for(self, source: object) -> LimitedLogger:
+        """Return a logger for ``source``, one of this connection's handlers, drawing on its log budget."""
+        return limited_logger(source, self.log_limit)
 
     # -- input processing --
 

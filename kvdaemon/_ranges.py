@@ -428,6 +428,7 @@ class RangeCommands:
 
     def __init__(self, handler: TextHandler) -> None:
         self.handler = handler
+        self.log = handler.connection.logger_for(self)
 
     def rget(self, parts: list[bytes]) -> None:
         key_range = parse_range(parts)

@@ -354,6 +354,7 @@ class ScanCommands:
 
     def __init__(self, handler: BinaryHandler) -> None:
         self.handler = handler
+        self.log = handler.connection.logger_for(self)
         factory = handler.connection.factory
         if factory.scans is None:
             factory.scans = ScanRegistry(

@@ -58,6 +58,7 @@ class AuthenticationGate:
 
     def __init__(self, connection: Connection, users: dict[bytes, bytes]) -> None:
         self.connection = connection
+        self.log = connection.logger_for(self)
         self.users = users
         self.stats = connection.factory.stats
 
