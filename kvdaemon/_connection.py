@@ -305,7 +305,11 @@ class Connection(protocol.Protocol):
         """
         # NOTE: bytes_needed is also set while a binary header is
         # incomplete, so such a connection is kept, where memcached closes it.
-        if self.closing or self.stream is not None or self.producer_paused or self.bytes_needed:
+        # A client that has not authenticated is closed even in the middle
+        # of its login request, as memcached does, so that half-sent logins
+        # cannot hold connection slots.
+        partly_received = self.bytes_needed and not getattr(self.handler, "unauthenticated", False)
+        if self.closing or self.stream is not None or self.producer_paused or partly_received:
             return False
         if self._unfinished_reply is not None:
             return False

@@ -56,6 +56,10 @@ class AuthenticationGate:
 
     log = Logger()
 
+    #: Tells the idle timeout to close this connection even while its
+    #: login request is partly received.
+    unauthenticated = True
+
     def __init__(self, connection: Connection, users: dict[bytes, bytes]) -> None:
         self.connection = connection
         self.log = connection.logger_for(self)

@@ -101,6 +101,28 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.reactor.advance(TIMEOUT)
         self.assertTrue(self.client.closed)
 
+    def test_partial_login_closed(self) -> None:
+        # memcached started with -Y closes a connection that sent half of
+        # its login block, so half-sent logins cannot hold the server's
+        # connection slots.
+        factory = make_factory(auth_users={b"alice": b"secret"})
+        client = Client(factory)
+        client.send(b"set auth 0 0 12\r\nalice")
+
+        factory.reactor.advance(TIMEOUT)
+
+        self.assertTrue(client.closed)
+        self.assertEqual(factory.stats.idle_kicks, 1)
+
+    def test_partial_value_after_login_keeps_connection(self) -> None:
+        factory = make_factory(auth_users={b"alice": b"secret"})
+        client = Client(factory)
+        self.assertEqual(client.send(b"set auth 0 0 12\r\nalice secret\r\nset k 0 0 10\r\nabc"), b"STORED\r\n")
+
+        factory.reactor.advance(3 * TIMEOUT)
+
+        self.assertFalse(client.closed)
+
     def test_partial_binary_packet_keeps_connection(self) -> None:
         packet = binary_request(GET_OPCODE, key=b"some-key")
         binary = Client(self.factory, port=40001)
