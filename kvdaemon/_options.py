@@ -213,8 +213,16 @@ class Options(usage.Options):
 
         for description in self["listen"]:
             try:
+                # Parsing an ssl: description also loads its key and
+                # certificate files, so their errors surface here too.
                 serverFromString(_NoReactor(), description)
-            except (ValueError, TypeError, KeyError) as error:
+            except ImportError as error:
+                raise usage.UsageError(
+                    "Cannot use --listen endpoint %r: %s. TLS endpoints need pyOpenSSL: install kvdaemon's"
+                    " tls extra (pip install '.[tls]' in a checkout) or pip install 'Twisted[tls]'."
+                    % (description, error)
+                )
+            except Exception as error:
                 raise usage.UsageError("Invalid --listen endpoint %r: %s" % (description, error))
 
 

@@ -173,3 +173,39 @@ class DefaultExposureTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as raised:
             parse("--listen", "udp:11211")
         self.assertIn("Invalid --listen endpoint 'udp:11211'", str(raised.exception))
+
+
+class EndpointErrorTests(SynchronousTestCase):
+    def test_missing_key_file_rejected(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--listen", "ssl:0:interface=127.0.0.1:privateKey=/nonexistent/kvdaemon.key")
+        message = str(raised.exception)
+        self.assertIn("Invalid --listen endpoint", message)
+        self.assertIn("/nonexistent/kvdaemon.key", message)
+
+    def test_invalid_key_file_rejected(self) -> None:
+        fd, path = tempfile.mkstemp(suffix=".key")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"not a key\n")
+        self.addCleanup(os.remove, path)
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--listen", "ssl:0:privateKey=%s" % path)
+        self.assertIn("Invalid --listen endpoint", str(raised.exception))
+
+    def test_missing_pyopenssl_names_extra(self) -> None:
+        # pyOpenSSL is installed here, so a child interpreter hides it.
+        import subprocess
+
+        script = (
+            "import sys\n"
+            "sys.modules['OpenSSL'] = None\n"
+            "from twisted.python import usage\n"
+            "from kvdaemon._options import Options\n"
+            "try:\n"
+            "    Options().parseOptions(['--listen', 'ssl:0:privateKey=server.pem'])\n"
+            "except usage.UsageError as error:\n"
+            "    sys.stdout.write(str(error))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("pip install 'Twisted[tls]'", result.stdout)
