@@ -135,7 +135,7 @@ class Connection(protocol.Protocol):
         self.listen_address = describe_address(self.transport.getHost())
         self._seconds = self.factory.reactor.seconds
         self.last_request_time = self._seconds()
-        self.log_limit = LogLimit(self._seconds, self.peer)
+        self.log_limit = LogLimit(self._seconds, self.peer, parent=self.factory.log_limit)
         self.transport.registerProducer(self, True)
         self._send_now = direct_sender(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from kvdaemon._connection import Connection, describe_address
+from kvdaemon._logging import SERVER_EVENTS_PER_WINDOW, LogLimit, limited_logger
 from kvdaemon._settings import Settings
 from kvdaemon._stats import Stats
 from kvdaemon._store import Store
@@ -66,6 +67,10 @@ class KVDaemonFactory(protocol.Factory):
             store = Store(reactor.seconds, settings.max_memory, settings.max_item_size)
         self.store = store
         self.stats = Stats(started=reactor.seconds())
+        #: The log budget that all connections share, and that rejections
+        #: of new connections draw on.
+        self.log_limit = LogLimit(reactor.seconds, "all connections", events=SERVER_EVENTS_PER_WINDOW)
+        self._limited_log = limited_logger(self, self.log_limit)
         self.connections: set[Connection] = set()
         self.streams: set[Stream] = set()
         #: The verbosity level last set by a client's ``verbosity`` command.
@@ -109,7 +114,7 @@ class KVDaemonFactory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
         if len(self.connections) >= self.settings.max_connections:
             self.stats.rejected_connections += 1
-            self.log.warn(
+            self._limited_log.warn(
                 "Rejected a connection from {peer}: {limit} connections already open",
                 peer=describe_address(addr),
                 limit=self.settings.max_connections,

@@ -8,7 +8,9 @@ as the server can parse them.  The loggers of one connection's handlers
 share a :class:`LogLimit`: past :data:`EVENTS_PER_WINDOW` info and warn
 events in a window of :data:`WINDOW_SECONDS`, events are counted instead of
 emitted, and the count is logged when the window ends or the connection
-closes.  Errors and failures are always emitted.
+closes.  All connections also share a server-wide limit of
+:data:`SERVER_EVENTS_PER_WINDOW`, which caps clients that open many short
+connections.  Errors and failures are always emitted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from twisted.logger import Logger, LogLevel
 
 #: Info and warn events one connection may emit per window.
 EVENTS_PER_WINDOW = 20
+
+#: Info and warn events all connections together may emit per window.
+SERVER_EVENTS_PER_WINDOW = 1000
 
 #: The length of a window, in seconds.
 WINDOW_SECONDS = 60.0
@@ -31,7 +36,10 @@ class LogLimit:
     The log budget of one connection.
 
     :param seconds: the reactor's clock.
-    :param peer: the connection's peer address, for the summary line.
+    :param peer: the connection's peer address, or what else the limit
+        covers, for the summary line.
+    :param parent: a limit shared with other connections, which every
+        event this one admits must also pass.
     """
 
     log = Logger()
@@ -42,11 +50,13 @@ class LogLimit:
         peer: str,
         events: int = EVENTS_PER_WINDOW,
         window: float = WINDOW_SECONDS,
+        parent: LogLimit | None = None,
     ) -> None:
         self.seconds = seconds
         self.peer = peer
         self.events = events
         self.window = window
+        self.parent = parent
         self.window_start = seconds()
         self.emitted = 0
         #: Events dropped in the current window.
@@ -61,6 +71,8 @@ class LogLimit:
             self.emitted = 0
         if self.emitted >= self.events:
             self.suppressed += 1
+            return False
+        if self.parent is not None and not self.parent.admit():
             return False
         self.emitted += 1
         return True

@@ -131,6 +131,7 @@ class KVDaemonService(service.Service):
         streams = len(self.factory.streams)
         stopped = self._stop_listening_and_pool()
         closed = self.factory.close_connections(self.settings.shutdown_grace)
+        closed.addCallback(lambda _: self.factory.log_limit.report())
         d = defer.gatherResults([stopped, closed], consumeErrors=True)
         d.addCallback(
             lambda _: self.log.info(

@@ -136,10 +136,14 @@ class AuthenticationGate:
             self.log.warn(
                 "Authentication failed for {peer} as user {user!r}",
                 peer=connection.peer,
-                user=user[:64],
+                user=user[:64].decode("utf-8", "backslashreplace"),
             )
             connection.write(AUTH_FAILURE)
             return False
-        self.log.info("Authenticated {peer} as user {user!r}", peer=connection.peer, user=user)
+        self.log.info(
+            "Authenticated {peer} as user {user!r}",
+            peer=connection.peer,
+            user=user.decode("utf-8", "backslashreplace"),
+        )
         connection.write(STORED)
         return True

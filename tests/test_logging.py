@@ -126,3 +126,41 @@ class ConnectionLogLimitTests(SynchronousTestCase):
         with capturedLogs() as events:
             client.send(unknown_opcode * 100)
         self.assertEqual(len(events), EVENTS_PER_WINDOW)
+
+
+class ServerLogLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        reactor = FakeReactor()
+        self.factory = KVDaemonFactory(Settings(threads=1, max_connections=1), reactor=reactor, threadpool=FakeThreadPool())
+        self.factory.log_limit.events = 5
+        self.reactor = reactor
+
+    def test_many_connections_share_budget(self) -> None:
+        factory = KVDaemonFactory(Settings(threads=1), reactor=self.reactor, threadpool=FakeThreadPool())
+        factory.log_limit.events = 5
+        with capturedLogs() as events:
+            for port in range(40000, 40010):
+                Client(factory, port).send(b"bogus\r\n")
+        self.assertEqual(len(events), 5)
+        self.assertEqual(factory.log_limit.suppressed, 5)
+
+    def test_server_report_after_window(self) -> None:
+        factory = KVDaemonFactory(Settings(threads=1), reactor=self.reactor, threadpool=FakeThreadPool())
+        factory.log_limit.events = 5
+        for port in range(40000, 40010):
+            Client(factory, port).send(b"bogus\r\n")
+        self.reactor.advance(WINDOW_SECONDS)
+        with capturedLogs() as events:
+            Client(factory, 40100).send(b"bogus\r\n")
+        self.assertEqual(events[0]["peer"], "all connections")
+        self.assertEqual(events[0]["count"], 5)
+        self.assertEqual(events[1]["peer"], "tcp:127.0.0.1:40100")
+
+    def test_rejected_connections_logs_capped(self) -> None:
+        Client(self.factory, 40000)
+        with capturedLogs() as events:
+            for port in range(40001, 40021):
+                Client(self.factory, port)
+        self.assertEqual(self.factory.stats.rejected_connections, 20)
+        self.assertEqual(len(events), 5)
+        self.assertTrue(all(event["log_format"].startswith("Rejected a connection") for event in events))
