@@ -363,7 +363,11 @@ class Connection(protocol.Protocol):
         # large, so sending them a reactor iteration later costs nothing
         # that matters.  The direct sender checks that queue first, so the
         # order of replies is kept either way.
-        self.stats.bytes_written += sum(map(len, chunks))
+        size = sum(map(len, chunks))
+        self.stats.bytes_written += size
+        # Counted as sent, not when the stream ends, so that ``stats``
+        # shows the progress of a long stream.
+        self.stats.stream_bytes += size
         self.transport.writeSequence(chunks)
 
     def _send(self, data: bytes) -> None:
@@ -448,7 +452,6 @@ class Connection(protocol.Protocol):
 
     def _stream_ended(self, result: object, stream: Stream, on_done: Callable[[], None] | None) -> None:
         self.stats.streams_running -= 1
-        self.stats.stream_bytes += stream.bytes_sent
         self.stats.stream_reactor_hops += stream.reactor_hops
         self.factory.streams.discard(stream)
         if self.stream is stream:

@@ -664,6 +664,20 @@ class ConnectionStreamTests(SynchronousTestCase):
         self.assertEqual(stats.stream_bytes, len(transport.value()))
         self.assertGreater(stats.stream_reactor_hops, 0)
 
+    def test_stream_bytes_counted_while_running(self) -> None:
+        harness = ConnectionHarness(stream_buffer=4096)
+        harness.fill(100, 100)
+        protocol, transport = harness.connect()
+
+        protocol.dataReceived(b"rget 1 1 0 key\r\n")
+        harness.pool.run_next()
+        harness.reactor.run_thread_calls()
+
+        stats = harness.factory.stats
+        self.assertEqual(stats.streams_running, 1)
+        self.assertGreater(len(transport.value()), 0)
+        self.assertEqual(stats.stream_bytes, len(transport.value()))
+
     def test_pipelined_input_bound_pauses_reading(self) -> None:
         harness = ConnectionHarness(stream_buffer=4096, max_pending_input=10000)
         harness.fill(100, 100)
