@@ -106,6 +106,21 @@ class KVDaemonService(service.Service):
             max_memory=self.settings.max_memory,
             threads=self.settings.threads,
         )
+        settings = self.settings
+        if settings.sasl_users is not None:
+            authentication = "SASL (binary clients)"
+        elif settings.auth_users is not None:
+            authentication = "auth file (text clients)"
+        else:
+            authentication = "none"
+        self.log.info(
+            "kvdaemon access: authentication {authentication}; flush_all and range deletes {flush};"
+            " key dumps {dumps}; shutdown command {shutdown}",
+            authentication=authentication,
+            flush="enabled" if settings.allow_destructive else "disabled",
+            dumps="enabled" if settings.allow_dumps else "disabled",
+            shutdown="enabled" if settings.enable_shutdown else "disabled",
+        )
 
     def _listening(self, port: IListeningPort) -> None:
         self.ports.append(port)

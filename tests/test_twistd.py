@@ -105,6 +105,11 @@ class TwistdServerTests(SynchronousTestCase):
         log = self.stop(process)
         self.assertIn("kvdaemon listening on tcp:%d:interface=127.0.0.1" % port, log)
         self.assertIn("kvdaemon started", log)
+        self.assertIn(
+            "kvdaemon access: authentication none; flush_all and range deletes enabled; key dumps enabled;"
+            " shutdown command disabled",
+            log,
+        )
         self.assertIn("kvdaemon stopped", log)
 
     def test_options_reach_server(self) -> None:
@@ -121,7 +126,8 @@ class TwistdServerTests(SynchronousTestCase):
             self.assertIn(b"flush_all not allowed", raised.exception.args[0])
         finally:
             client.close()
-        self.stop(process)
+        log = self.stop(process)
+        self.assertIn("flush_all and range deletes disabled;", log)
 
     def test_stops_with_client_connected(self) -> None:
         process, port = self.start()
