@@ -487,7 +487,9 @@ class RangeCommands:
 
     def _start(self, job: RangeReadJob | RangeDeleteJob, on_done: Callable[[], None] | None = None) -> None:
         if not self.handler.connection.start_stream(job, on_done):
-            raise ProtocolError(TOO_MANY_STREAMS)
+            # start_stream has logged the rejection, so this reply does not
+            # go through ProtocolError, which the framing would log again.
+            self.handler.reply(TOO_MANY_STREAMS)
 
 
 def text_commands(handler: TextHandler) -> dict[bytes, Callable[[list[bytes]], None]]:

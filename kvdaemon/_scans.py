@@ -405,7 +405,8 @@ class ScanCommands:
         job = ContinueJob(self.registry, scan, request.opaque, (item_limit, time_limit, byte_limit))
         if not self.handler.connection.start_stream(job):
             scan.busy = False
-            self._error(request, STATUS_BUSY, "too many streams running")
+            # start_stream has logged the rejection.
+            self.handler.send(request, STATUS_BUSY, value=_ERROR_TEXT.get(STATUS_BUSY, b""))
 
     def cancel(self, request: Request) -> None:
         scan = self.registry.scans.get(request.extras)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from kvdaemon import KVDaemonFactory, Settings, Store
@@ -650,6 +651,19 @@ class ConnectionStreamTests(SynchronousTestCase):
 
         self.assertEqual(second_transport.value(), b"SERVER_ERROR too many concurrent streams\r\nVERSION 1.6.18\r\n")
         self.assertEqual(harness.factory.stats.streams_rejected, 1)
+
+    def test_too_many_streams_logged_once(self) -> None:
+        harness = ConnectionHarness(stream_buffer=4096, max_streams=1)
+        harness.fill(100, 100)
+        first, _ = harness.connect()
+        second, _ = harness.connect()
+        first.dataReceived(b"rget 1 1 0 key\r\n")
+
+        with capturedLogs() as events:
+            second.dataReceived(b"rget 1 1 0 key\r\n")
+
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["peer"], second.peer)
 
     def test_stream_stats_recorded(self) -> None:
         harness = ConnectionHarness(stream_buffer=4096)
