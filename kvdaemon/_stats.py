@@ -159,6 +159,7 @@ def settings_stats(settings, listen: list[str], verbosity: int, tcp_port: int = 
         ("num_threads", settings.threads),
         ("stream_buffer", settings.stream_buffer),
         ("stall_timeout", settings.stall_timeout),
+        ("shutdown_grace", settings.shutdown_grace),
         ("max_streams", settings.max_streams),
         ("max_scans", settings.max_scans),
         ("scan_lifetime", settings.scan_lifetime),

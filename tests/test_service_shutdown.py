@@ -309,6 +309,10 @@ class ShutdownCommandTests(SynchronousTestCase):
             reply = self.client(enable_shutdown=enabled).send(b"stats settings\r\n")
             self.assertIn(b"STAT shutdown_command " + expected + b"\r\n", reply)
 
+    def test_stats_settings_shows_grace(self) -> None:
+        reply = self.client(shutdown_grace=2.5).send(b"stats settings\r\n")
+        self.assertIn(b"STAT shutdown_grace 2.5\r\n", reply)
+
 
 class ShutdownOptionTests(SynchronousTestCase):
     """``--enable-shutdown`` and ``--shutdown-grace`` on the command line."""
