@@ -339,10 +339,15 @@ class BinaryHandler:
         Execute or reject the packet at ``offset``.
 
         :return: the offset after what was consumed, or ``None`` after
-            setting ``connection.bytes_needed`` when the packet is incomplete.
+            setting ``connection.bytes_needed`` when the packet's header is
+            complete but the rest of it is not.
         """
         if end - offset < HEADER_SIZE:
-            self.connection.bytes_needed = HEADER_SIZE
+            # bytes_needed stays 0: reparsing a partial header is cheap, and
+            # a connection with bytes_needed set counts as partway through
+            # a request, which the idle timeout spares.  memcached closes
+            # an idle connection with a partial header, as it does one with
+            # a partial text request line.
             return None
         magic, opcode, key_length, extras_length, _, _, body_length, opaque, cas = HEADER.unpack_from(buffer, offset)
         if magic != REQUEST_MAGIC:

@@ -303,8 +303,6 @@ class Connection(protocol.Protocol):
         and not closing.  memcached's idle timeout closes only connections
         in this state.
         """
-        # NOTE: bytes_needed is also set while a binary header is
-        # incomplete, so such a connection is kept, where memcached closes it.
         # A client that has not authenticated is closed even in the middle
         # of its login request, as memcached does, so that half-sent logins
         # cannot hold connection slots.

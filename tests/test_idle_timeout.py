@@ -133,6 +133,23 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(binary.closed)
         self.assertEqual(binary.send(packet[-3:])[6:8], b"\x00\x01")
 
+    def test_partial_binary_header_closed(self) -> None:
+        # memcached closes an idle connection that sent part of a header,
+        # as it closes one that sent part of a text request line.
+        packet = binary_request(GET_OPCODE, key=b"some-key")
+        binary = Client(self.factory, port=40001)
+        binary.send(packet[:10])
+
+        self.reactor.advance(TIMEOUT)
+
+        self.assertTrue(binary.closed)
+
+    def test_partial_binary_header_completed(self) -> None:
+        packet = binary_request(GET_OPCODE, key=b"some-key")
+        binary = Client(self.factory, port=40001)
+        replies = binary.send_chunks([packet[i : i + 1] for i in range(len(packet))])
+        self.assertEqual(replies[6:8], b"\x00\x01")
+
     def test_idle_binary_connection_closed(self) -> None:
         binary = Client(self.factory, port=40001)
         self.assertEqual(binary.send(binary_request(GET_OPCODE, key=b"some-key"))[6:8], b"\x00\x01")
