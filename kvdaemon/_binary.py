@@ -295,7 +295,7 @@ class BinaryHandler:
                 (Opcode.SASL_AUTH, sasl_check),
                 (Opcode.SASL_STEP, sasl_check),
             ):
-                self.commands[opcode] = Command(self._reply_unknown, check)
+                self.commands[opcode] = Command(self._reply_sasl_off, check)
         else:
             self.commands[Opcode.SASL_LIST_MECHS] = Command(self.cmd_sasl_list_mechs, no_body, before_auth=True)
             self.commands[Opcode.SASL_AUTH] = Command(
@@ -439,7 +439,7 @@ class BinaryHandler:
             )
         self.connection.close()
 
-    def _reply_unknown(self, request: Request) -> None:
+    def _reply_sasl_off(self, request: Request) -> None:
         self.log.info(
             "SASL opcode 0x{opcode:02x} from {peer}, but SASL is off",
             opcode=request.opcode,

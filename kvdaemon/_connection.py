@@ -35,7 +35,7 @@ off, which is quadratic in the number of pipelined requests per read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol, TypeVar
 
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError
@@ -58,6 +58,8 @@ OUTPUT_BATCH_BYTES = 64 * 1024
 
 #: The first byte of every binary protocol request.
 BINARY_REQUEST_MAGIC = 0x80
+
+_T = TypeVar("_T")
 
 
 class Handler(TypingProtocol):
@@ -210,28 +212,20 @@ class Connection(protocol.Protocol):
             if self.handler is None:
                 self.handler = self._detect_protocol(self._buffer[self._offset])
             self.bytes_needed = 0
-            self._collecting = True
             start = self._offset
             # Requests see their own time as the last request's time, as
             # in memcached's ``stats conns``.
             previous_request_time = self.last_request_time
             self.last_request_time = self._seconds()
-            try:
-                self._offset = self.handler.process(self._buffer, self._offset)
-            except Exception:
-                self._collecting = False
-                self.log.failure(
-                    "Unexpected error serving {peer}; closing the connection",
-                    peer=self.peer,
-                )
-                self.close()
+            handler = self.handler
+            offset = self._run_collecting(lambda: handler.process(self._buffer, start))
+            if offset is None:
                 return
-            self._collecting = False
-            if self._offset == start:
+            self._offset = offset
+            if offset == start:
                 # Like memcached, count requests, not reads: a client
                 # that trickles in a partial request is still idle.
                 self.last_request_time = previous_request_time
-            self._flush_output()
             if self._offset >= len(self._buffer):
                 self._buffer = b""
                 self._offset = 0
@@ -255,16 +249,26 @@ class Connection(protocol.Protocol):
     def _finish_reply(self) -> None:
         produce_rest = self._unfinished_reply
         self._unfinished_reply = None
+        self._run_collecting(produce_rest)
+
+    def _run_collecting(self, call: Callable[[], _T]) -> _T | None:
+        """
+        Run ``call`` with its replies collected into one send, and send them.
+
+        An unexpected error is logged and closes the connection, and then
+        ``None`` is returned, so it never escapes ``dataReceived``.
+        """
         self._collecting = True
         try:
-            produce_rest()
+            result = call()
         except Exception:
             self._collecting = False
             self.log.failure("Unexpected error serving {peer}; closing the connection", peer=self.peer)
             self.close()
-            return
+            return None
         self._collecting = False
         self._flush_output()
+        return result
 
     def _detect_protocol(self, first_byte: int) -> Handler:
         # With SASL on, memcached parses every connection as binary, so a

@@ -252,13 +252,15 @@ def stop_on_sigterm(reactor: Any) -> None:
     """
 
     def stop(number: int, frame: FrameType | None) -> None:
-        log.info("Received SIGTERM, stopping")
+        # A signal handler interrupts whatever the reactor thread runs, so
+        # it only schedules the stop and leaves the logging to that call.
         reactor.callFromThread(_stop_reactor, reactor)
 
     reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop)
 
 
 def _stop_reactor(reactor: Any) -> None:
+    log.info("Received SIGTERM, stopping")
     try:
         reactor.stop()
     except ReactorNotRunning:

@@ -586,8 +586,8 @@ class TextHandler:
 
     def cmd_shutdown(self, parts: list[bytes]) -> None:
         # memcached 1.6.18 ignores noreply here and closes the connection
-        # without a reply.  It also drops replies still queued for earlier
-        # requests in the same read, which kvdaemon sends first.
+        # without a reply.  It can also drop replies still queued for
+        # earlier requests in the same read, which kvdaemon sends first.
         if not self.settings.enable_shutdown:
             raise ProtocolError(b"ERROR: shutdown not enabled\r\n")
         if parts[1:] not in ([], [b"graceful"]):

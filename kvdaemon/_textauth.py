@@ -123,11 +123,13 @@ class AuthenticationGate:
             self.log.info("Rejected an authentication request from {peer}: bad data chunk", peer=connection.peer)
             connection.write(BAD_TERMINATION)
             return False
+
         tokens = [token for token in block[:-2].split(b" ") if token]
         if len(tokens) < 2:
             self.log.info("Rejected an authentication request from {peer}: no user and password", peer=connection.peer)
             connection.write(BAD_TOKEN_FORMAT)
             return False
+
         # Like memcached, tokens after the password are ignored.
         user, password = tokens[0], tokens[1]
         self.stats.auth_cmds += 1
@@ -140,6 +142,7 @@ class AuthenticationGate:
             )
             connection.write(AUTH_FAILURE)
             return False
+
         self.log.info(
             "Authenticated {peer} as user {user!r}",
             peer=connection.peer,

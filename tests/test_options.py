@@ -131,6 +131,11 @@ class AccessOptionsTests(SynchronousTestCase):
             settings = parse(option, path)["settings"]
             self.assertEqual(settings.auth_users, {b"alice": b"secret", b"bob": b"pw:with:colons"})
 
+    def test_auth_file_keeps_spaces(self) -> None:
+        path = self.write_file(b" dave : pw2 \n")
+        settings = parse("--auth-file", path)["settings"]
+        self.assertEqual(settings.auth_users, {b" dave ": b" pw2 "})
+
     def test_auth_file_bad_line_rejected(self) -> None:
         path = self.write_file(b"alice:secret\nnocolon\n")
         with self.assertRaises(usage.UsageError) as raised:
