@@ -1,8 +1,8 @@
 """
-Blocking socket clients for the soak run: the text protocol (classic and
-meta commands share it) and the binary protocol, framed by hand so that
-the soak controls exactly what is sent, can stop in the middle of a
-request, and reads every reply byte.  The framing is written from the
+Blocking socket clients for the soak run, for the text protocol (classic
+and meta commands share it) and the binary protocol.  Both are framed by
+hand, so that the soak controls exactly what is sent, can stop in the
+middle of a request, and reads every reply byte.  The framing is written from the
 protocol description, not taken from ``kvdaemon.client``, so that the soak
 does not check the server against the server's own code.
 
@@ -200,7 +200,7 @@ class BinaryClient(BufferedSocket):
 
 
 def uleb128(data: bytes, offset: int) -> tuple[int, int]:
-    """Decode one unsigned LEB128 number at *offset*; return it and the next offset."""
+    """Decode one unsigned LEB128 number at *offset*, and return it and the next offset."""
     result = 0
     shift = 0
     while True:

@@ -2,10 +2,11 @@
 The client workers of the soak run, one thread and one connection each.
 
 Every worker owns the keys under its own prefix (``soak:wNNN:``), so it
-can record the last acknowledged value of each of them: a write enters the
-:class:`Ledger` only once the server has acknowledged it, and every read of
-an owned key, during the run and at the end, must return that value.  The
-bulk keys (``soak:bulk:NNNNNN``) are loaded before the run and only read.
+can record the last acknowledged value of each of them.  A write enters
+the :class:`Ledger` only once the server has acknowledged it, and every
+read of an owned key, during the run and at the end, must return that
+value.  The bulk keys (``soak:bulk:NNNNNN``) are loaded before the run and
+only read.
 
 Roles:
 
@@ -27,9 +28,9 @@ slow
     until the server's stall timeout closes the connection.
 abort
     a connection closed, with a RST or a FIN, in the middle of a request
-    line, a data block, a binary body, a stream or a scan continue.  A
-    write cut off in its data block must leave the key's acknowledged
-    value in place.
+    line, a data block, a binary body, a pipeline, a stream or a scan
+    continue.  A write cut off in its data block must leave the key's
+    acknowledged value in place.
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ BULK_END = b"soak:bulk;"
 LIVE_START = b"soak:w"
 LIVE_END = b"soak:x"
 
-#: Keys per worker: plain keys, counters and keys under the range sub-prefix.
+#: Counter keys and keys under the range sub-prefix, per worker.  Each
+#: role's ``keys`` attribute sets its number of plain keys.
 COUNTER_KEYS = 10
 RANGE_KEYS = 40
 
-#: Socket timeout of every client read, in seconds.  Longer than any
-#: reply takes on a loaded 2-core machine, short enough to end a hung run.
+#: Socket timeout of client reads, in seconds, except the polling reads of
+#: slow readers.  Longer than any reply takes on a loaded 2-core machine,
+#: short enough to end a hung run.
 READ_TIMEOUT = 60.0
 
 #: Binary opcodes and statuses the workers use.
@@ -133,7 +136,7 @@ class Ledger:
         Record an acknowledged incr or decr of *key* from *old* to *number*.
 
         memcached 1.6 rewrites a counter in place when the new digits fit,
-        padding them with spaces to the old length, and its protocol.txt
+        padding them with spaces to the old length.  Its protocol.txt
         allows a padded value, so both forms are accepted until a read
         settles which one the server stored.
         """
@@ -182,7 +185,7 @@ class Worker(threading.Thread):
         self.messages: list[str] = []
         self.sequence = 0
         self.client: TextClient | BinaryClient | None = None
-        #: A write sent but not yet acknowledged: (key, value or None).
+        #: Writes sent but not yet acknowledged, as (key, value or None) pairs.
         self.pending: list[tuple[bytes, bytes | None]] = []
         self._names = list(self.operations)
         self._weights = [self.operations[name] for name in self._names]
@@ -355,7 +358,7 @@ class TextWorker(Worker):
         self.ledger.stored(key, value)
 
     def op_set_noreply(self) -> None:
-        """Send a ``set ... noreply`` and a ``get`` of the same key together; the get must see the set."""
+        """Send a ``set ... noreply`` and a ``get`` of the same key together, and check that the get returns the new value."""
         key, value = self.write_key(), self.new_value()
         self.pending = [(key, value)]
         self.client.send(b"set %s 0 0 %d noreply\r\n%s\r\nget %s\r\n" % (key, len(value), value, key))
@@ -489,15 +492,18 @@ class TextWorker(Worker):
         key = self.counter_key(self.random.randrange(COUNTER_KEYS))
         delta = self.random.randint(1, 1000)
         current = self.ledger.current(key)
+        if current is not None:
+            number = (int(current) + delta) % 2**64
+            self.pending = [(key, b"%d" % number), (key, (b"%d" % number).ljust(len(current)))]
         reply = self.client.command(b"ma %s v D%d" % (key, delta))
         if current is None:
             if reply != b"NF":
                 raise ProtocolMismatch("ma %r on a missing counter: expected NF, got %r" % (key, reply[:100]))
             return
-        number = (int(current) + delta) % 2**64
         expected = b"%d" % number
         if reply != b"VA %d" % len(expected) or self.client.read_exact(len(expected) + 2) != expected + b"\r\n":
             raise ProtocolMismatch("ma %r: expected %r, got %r" % (key, expected, reply[:100]))
+        self.pending = []
         self.ledger.counted(key, current, number)
         self.settle_counter(key)
 
@@ -554,6 +560,7 @@ class TextWorker(Worker):
             b"set %s 0 0 %d\r\n%s\r\nget %s\r\n%smg %s v\r\n"
             % (key, len(value), value, key, self.rget_request(), other)
         )
+
         reply = self.client.read_line()
         if reply != b"STORED":
             raise ProtocolMismatch("pipelined set %r: expected STORED, got %r" % (key, reply[:100]))
@@ -778,7 +785,7 @@ class BinaryWorker(TextWorker):
 
 
 def read_continue(client: BinaryClient) -> tuple[int, list[tuple[bytes, bytes | None]]]:
-    """Read one continue's frames; return the last frame's status and the records."""
+    """Read one continue's frames, and return the last frame's status and the records."""
     records: list[tuple[bytes, bytes | None]] = []
     while True:
         response = client.read_response()
@@ -809,7 +816,7 @@ def decode_records(data: bytes, documents: bool) -> list[tuple[bytes, bytes | No
 
 
 def continue_scan(client: BinaryClient, scan_id: bytes, item_limit: Callable[[], int], byte_limit: int = 0) -> list:
-    """Continue a scan until it completes; return every record."""
+    """Continue a scan until it completes, and return every record."""
     records = []
     while True:
         extras = CONTINUE_EXTRAS.pack(scan_id, item_limit(), 0, byte_limit)
@@ -895,7 +902,7 @@ class RangeWorker(Worker):
     def check_live(self, operation: str, keys: list[bytes]) -> None:
         """
         Check a range read over the keys that other workers change while
-        it runs: such keys may or may not appear, but the keys that do
+        it runs.  Such keys may or may not appear, but the keys that do
         appear must be in the range, in order, and each only once.
         """
         for key in keys:
@@ -970,7 +977,7 @@ class SlowReaderWorker(Worker):
     server closes the connection.
 
     A reader that the server has not closed after :meth:`give_up_after`
-    seconds counts as an error: the stall timeout did not cut it.
+    seconds counts as an error, because the stall timeout did not cut it.
     """
 
     role = "slow"
@@ -1002,6 +1009,7 @@ class SlowReaderWorker(Worker):
         total = 0
         tail = b""
         outcome = "not closed"
+
         try:
             connection.sendall(b"rget 1 0 0 %s %s\r\n" % (BULK_PREFIX, BULK_END))
             while time.monotonic() - started < self.give_up_after():
@@ -1030,6 +1038,7 @@ class SlowReaderWorker(Worker):
             outcome = "reset by the server"
         finally:
             connection.close()
+
         seconds = time.monotonic() - started
         self.results.append(SlowReaderResult(mode, outcome, seconds, total))
         if outcome not in ("closed by the server", "reset by the server"):
@@ -1148,7 +1157,8 @@ class AbortWorker(TextWorker):
             client.read_exact(self.random.randint(1, 100_000))
         finally:
             self.cut(client)
-        # Scans belong to the server, so another connection cancels it.
+        # A scan belongs to the server, not to the connection, so it
+        # outlives the cut and another connection cancels it.
         client = BinaryClient(connect(self.state.port, READ_TIMEOUT))
         try:
             response = client.request(SCAN_CANCEL, extras=scan_id, opaque=3)
@@ -1162,7 +1172,7 @@ ROLES: dict[str, type[Worker]] = {
     worker.role: worker for worker in (TextWorker, BinaryWorker, RangeWorker, SlowReaderWorker, AbortWorker)
 }
 
-#: The roles of ten consecutive workers; longer runs repeat it.
+#: The roles of ten consecutive workers.  Runs with more workers repeat the pattern.
 ROLE_PATTERN = ("text", "binary", "text", "abort", "text", "binary", "slow", "text", "range", "binary")
 
 

@@ -1,6 +1,6 @@
 """
-Soak kvdaemon: many clients doing mixed work for a bounded time, then
-checks that the server lost no acknowledged write and leaked no thread,
+Soak kvdaemon with many clients doing mixed work for a bounded time, then
+check that the server lost no acknowledged write and leaked no thread,
 file descriptor or memory.
 
 One run:
@@ -73,7 +73,7 @@ MiB = 1024 * 1024
 #: the recorded runs did not need.
 THREAD_SLACK = 2
 #: File descriptors allowed beyond the count after warm-up, once every
-#: client has closed: a tolerance that the recorded runs did not need.
+#: client has closed.  It is a tolerance that the recorded runs did not need.
 FD_SLACK = 2
 #: Seconds to wait for the server to close the sockets of clients that
 #: have gone, before the file descriptor check reads its final figure.
@@ -81,7 +81,7 @@ FD_SETTLE_SECONDS = 15
 #: Seconds the server has to exit after SIGTERM before it gets SIGKILL.
 STOP_TIMEOUT = 15
 
-#: Unread ``rget`` streams open when the server gets SIGTERM: the stop
+#: Unread ``rget`` streams open when the server gets SIGTERM.  The stop
 #: must cancel them rather than wait for their clients.
 STALLED_AT_STOP = 3
 
@@ -133,9 +133,9 @@ class LogScan:
     unexpected: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     shutdown_lines: int = 0
-    #: "its stream was cancelled" lines: streams that the stop cancelled.
+    #: Number of "its stream was cancelled" lines, one per stream that the stop cancelled.
     cancelled_streams: int = 0
-    #: Streams that the service's closing line says the stop cancelled.
+    #: Streams that the stop cancelled, as counted by the service's closing line.
     streams_cancelled_at_stop: int = -1
 
 
@@ -203,7 +203,7 @@ def load_bulk(port: int, items: int, value_size: int) -> None:
 
 
 def populate(workers: list[Worker]) -> None:
-    """Let every worker write its first values, several at once."""
+    """Let every worker write its first values, all workers in parallel."""
     failures: list[str] = []
 
     def run(worker: Worker) -> None:
@@ -328,6 +328,7 @@ def scan_log(paths: list[Path]) -> LogScan:
             system, message = match.group("system"), match.group("message")
             level = system.rpartition("#")[2] if "#" in system else "legacy"
             scan.levels[level] += 1
+
             stopped = STOPPED_LINE.match(message)
             if stopped is not None:
                 scan.shutdown_lines += 1
@@ -336,6 +337,7 @@ def scan_log(paths: list[Path]) -> LogScan:
                 scan.shutdown_lines += 1
             elif message.endswith(": its stream was cancelled"):
                 scan.cancelled_streams += 1
+
             for name, pattern in EXPECTED_WARNINGS.items():
                 if pattern.match(message):
                     scan.expected[name] += 1
@@ -376,7 +378,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bulk-items", type=int, default=10_000, help="bulk keys that range operations read (default 10,000)")
     parser.add_argument(
         "--bulk-value-size", type=int, default=1000,
-        help="bytes per bulk value (default 1000); the bulk keys must outweigh the socket buffers for slow readers to stall",
+        help="bytes per bulk value (default 1000).  The bulk keys must outweigh the socket buffers for slow readers to stall",
     )
     parser.add_argument("--sample-interval", type=float, default=5, help="seconds between server samples (default 5)")
     parser.add_argument(
@@ -629,7 +631,7 @@ def record(outcome: Outcome, summary: list[str], argv: list[str]) -> None:
 
 
 def run_load(args: argparse.Namespace, state: RunState, workers: list[Worker], pid: int, started: float) -> list[Sample]:
-    """Run *workers* for ``args.duration`` seconds, sampling the server; return the samples."""
+    """Run *workers* for ``args.duration`` seconds, sampling the server, and return the samples."""
     sampler = Sampler(pid, args.sample_interval, started)
     sampler.start()
     for worker in workers:

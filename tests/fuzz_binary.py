@@ -52,7 +52,7 @@ class Rule(NamedTuple):
     """
 
     extras: tuple[int, ...]
-    #: True: a key is required; False: forbidden; None: optional.
+    #: True if a key is required, False if it is forbidden, None if it is optional.
     key: bool | None
     value: bool
     statuses: frozenset[int]
@@ -72,6 +72,7 @@ def _rules() -> dict[int, Rule]:
     # With SASL off, memcached 1.6.18 checks the lengths of the SASL
     # opcodes and replies "Unknown command" to well-formed requests.
     sasl = Rule((0,), True, True, frozenset([UNKNOWN_COMMAND]))
+
     rules = {
         GET: get, GETK: get, SET: storage, ADD: storage, REPLACE: storage, APPEND: concatenate,
         PREPEND: concatenate, DELETE: delete, INCREMENT: counter, DECREMENT: counter, QUIT: bare,
@@ -80,6 +81,7 @@ def _rules() -> dict[int, Rule]:
         RANGE_GET: ranges, RANGE_DELETE: ranges, SASL_LIST_MECHS: Rule((0,), False, False, frozenset([UNKNOWN_COMMAND])),
         SASL_AUTH: sasl, SASL_STEP: sasl,
     }  # fmt: skip
+
     quiet_variants = {
         GETQ: GET, GETKQ: GETK, SETQ: SET, ADDQ: ADD, REPLACEQ: REPLACE, APPENDQ: APPEND,
         PREPENDQ: PREPEND, DELETEQ: DELETE, INCREMENTQ: INCREMENT, DECREMENTQ: DECREMENT,
@@ -96,7 +98,7 @@ QUIET_GETS = frozenset([GETQ, GETKQ, GATQ, GATKQ])
 
 
 def response(opcode: int, opaque: int, status: int) -> bytes:
-    """The error response memcached sends for ``status``."""
+    """Return the error response memcached sends for ``status``."""
     text = ERROR_TEXT[status]
     return HEADER.pack(RESPONSE_MAGIC, opcode, 0, 0, 0, status, len(text), opaque, 0) + text
 
@@ -106,7 +108,7 @@ def response(opcode: int, opaque: int, status: int) -> bytes:
 
 @attrs.define
 class Packet:
-    """A request's header fields and body; ``None`` lengths are computed from the body."""
+    """A request's header fields and body.  Lengths left as ``None`` are computed from the body."""
 
     opcode: int
     key: bytes = b""
@@ -155,7 +157,7 @@ exptimes = st.sampled_from([0, 100, 3600])
 
 @st.composite
 def binary_requests(draw: st.DrawFn) -> Packet:
-    """One valid request of a generated kind; its opaque is set by the caller."""
+    """Draw one valid request of a generated kind.  The caller sets its opaque."""
     kind = draw(st.sampled_from(["get", "store", "concatenate", "delete", "counter", "touch", "bare", "range"]))
     if kind == "get":
         return Packet(draw(st.sampled_from([GET, GETQ, GETK, GETKQ])), draw(keys))
@@ -179,6 +181,7 @@ def binary_requests(draw: st.DrawFn) -> Packet:
         return Packet(opcode, draw(keys), struct.pack(">I", draw(exptimes)))
     if kind == "bare":
         return Packet(draw(st.sampled_from([NOOP, VERSION])))
+
     opcode = draw(st.sampled_from([RANGE_GET, RANGE_GET, RANGE_DELETE]))
     start = draw(st.one_of(st.just(b""), keys))
     end = draw(st.one_of(st.just(b""), keys))
@@ -203,6 +206,7 @@ def corrupt(draw: st.DrawFn, packet: Packet) -> Packet:
     if packet.extras:
         choices += ["extras byte", "extras byte"]
     choice = draw(st.sampled_from(choices))
+
     if choice == "header bit":
         encoded = bytearray(packet.encode())
         index = draw(st.integers(0, HEADER.size - 1))
@@ -245,7 +249,7 @@ class Unit(NamedTuple):
     One packet of a stream as memcached frames it.
 
     ``outcome`` is ``execute``, ``reject`` or ``drop``.  For ``reject``,
-    ``reply`` is the exact error response, and ``close`` says whether the
+    ``reply`` is the exact error response, and ``close`` is true if the
     connection closes after it.  ``drop`` is an invalid magic, after which
     the connection closes without a reply.
     """
@@ -259,7 +263,7 @@ class Unit(NamedTuple):
 
 
 class Framing(NamedTuple):
-    """A stream split into units; whether the server closes; whether a reply cannot be predicted."""
+    """A stream split into units, whether the server closes the connection, and whether a reply cannot be predicted."""
 
     units: list[Unit]
     closed: bool
@@ -279,10 +283,12 @@ def frame_binary(stream: bytes) -> Framing:
         if magic != REQUEST_MAGIC:
             units.append(Unit(stream[offset:], "drop", opcode, opaque, close=True))
             return Framing(units, True, False)
+
         key_start = offset + HEADER.size + extras_length
         value_start = key_start + key_length
         if value_start > len(stream):
             break
+
         rule = RULES.get(opcode)
         failure = _header_failure(rule, key_length, extras_length, body_length)
         if failure is not None:
@@ -297,6 +303,7 @@ def frame_binary(stream: bytes) -> Framing:
             units.append(Unit(raw, "reject", opcode, opaque, response(opcode, opaque, UNKNOWN_COMMAND)))
             offset = end
             continue
+
         packet_end = offset + HEADER.size + body_length
         key = stream[key_start:value_start]
         extras = stream[offset + HEADER.size : key_start]
@@ -311,6 +318,7 @@ def frame_binary(stream: bytes) -> Framing:
             continue
         if packet_end > len(stream):
             break
+
         raw = stream[offset:packet_end]
         unit = _range_unit(raw, opcode, opaque, extras) or Unit(raw, "execute", opcode, opaque)
         units.append(unit)

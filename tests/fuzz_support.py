@@ -57,16 +57,16 @@ SEED_REQUESTS = b"".join(
 )
 
 #: Keys the generated requests use: the seeded ones, so that requests hit,
-#: and some that are never stored.  Upper case, digits and punctuation
-#: only: a fragment of one of them never spells a command.
+#: and some that are never stored.  They contain only upper case, digits
+#: and punctuation, so a fragment of one of them never spells a command.
 KEYS = [b"K1", b"K2", b"K:3", b"K_4-LONG", b"K5", b"K6", b"K77"]
 
 #: Bytes of values: no lower case, so a misframed value never spells a
 #: command either.
 VALUE_ALPHABET = b"ABCXYZ0123456789 :\r\n"
 
-#: A hypothesis budget for the fuzz modules: no deadline, since the
-#: machine is shared and timing is not what these tests check.
+#: Hypothesis settings for the fuzz modules.  There is no deadline,
+#: because timing is not what these tests check and it varies with load.
 FUZZ_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -108,8 +108,9 @@ class FuzzServer:
         self.store = self.factory.store
         self._next_port = 40000
         # Stored directly rather than through a connection, because with
-        # SASL on a text connection is refused.  Items and CAS values come
-        # out as a client's set requests in this order would leave them.
+        # SASL on, every connection is parsed as binary, so a text set gets
+        # no reply.  Items and CAS values come out as a client's set
+        # requests in this order would leave them.
         for key, (value, flags) in SEED_ITEMS.items():
             self.store.store("set", key, value, flags, 0)
 

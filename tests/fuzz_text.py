@@ -130,11 +130,11 @@ def item_fits(key: bytes, length: int, flags: int) -> bool:
 @attrs.define
 class Field:
     """
-    One token of a request line.  ``kind`` names how the server reads it
-    and which corruptions apply: ``command``, ``key``, ``u32``, ``i32``,
-    ``u64``, ``length`` (the data block's length), ``bool`` (rget's 0 or 1),
-    ``noreply``, ``flag`` (a meta flag without a number), ``number_flag``
-    (a meta flag followed by a number).
+    One token of a request line.  ``kind`` names how the server reads the
+    token and which corruptions apply.  The kinds are ``command``, ``key``,
+    ``u32``, ``i32``, ``u64``, ``length`` (the data block's length),
+    ``bool`` (rget's 0 or 1), ``noreply``, ``flag`` (a meta flag without a
+    number) and ``number_flag`` (a meta flag followed by a number).
     """
 
     kind: str
@@ -266,6 +266,7 @@ def meta_requests(draw: st.DrawFn) -> TextRequest:
     fields = [_field("command", command)]
     if command == b"mn":
         return TextRequest(fields)
+
     available = _META_FLAGS[command]
     letters = draw(st.lists(st.sampled_from(sorted(available) + [b"b"]), unique=True, max_size=5))
     key = draw(keys)
@@ -276,6 +277,7 @@ def meta_requests(draw: st.DrawFn) -> TextRequest:
     if command == b"ms":
         data = draw(values)
         fields.append(_field("length", b"%d" % len(data)))
+
     for letter in letters:
         argument = available.get(letter)
         if argument is None:
@@ -388,11 +390,12 @@ class Unit(NamedTuple):
     """
     One request of a stream as memcached frames it.
 
-    ``outcome`` is ``execute``, ``reject`` (the error line ``line``, or
-    one of class ``error`` where ``line`` is ``None``, or nothing when the
-    request asked for no reply) or ``close``.  ``twin`` is the request the
-    twin server gets: the canonical form of an executed request, the raw
-    bytes otherwise.
+    ``outcome`` is ``execute``, ``reject`` or ``close``.  A rejected
+    request gets the error line ``line``, or a line of class ``error`` when
+    ``line`` is ``None``, or no reply at all when it has ``silent`` set
+    because the request used noreply.  ``twin`` is the request the twin
+    server gets: the canonical form of an executed request, the raw bytes
+    otherwise.
     """
 
     raw: bytes
@@ -417,13 +420,14 @@ class Framing(NamedTuple):
 
 
 _STORAGE = {b"set": 5, b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}
-#: Commands that exist but that the generated streams never contain; the
-#: oracle does not predict their replies.
+#: Commands that exist but that the generated streams never contain, so
+#: the oracle does not predict their replies.
 _UNMODELLED = {b"version", b"verbosity", b"stats", b"flush_all", b"quit", b"lru_crawler", b"me"}
 MAX_LINE_LENGTH = 2048
 MAX_META_TOKENS = 19
 
-#: Meta flags and how their token is read; flags not listed are invalid.
+#: Meta flags with a numeric token, and the function that reads it.  Flags
+#: other than these, ``M``, ``b`` and ``_META_FREE_FLAGS`` are invalid.
 _META_NUMBER_FLAGS = {
     ord("T"): meta_signed32,
     ord("N"): meta_signed32,
@@ -498,7 +502,10 @@ def _tokens(line: bytes) -> list[bytes]:
 
 
 def _frame_line(stream: bytes, offset: int, eol: int) -> tuple[Unit | None, int]:
-    """Frame the request whose line ends at ``eol``; return ``(None, offset)`` when its data block is incomplete."""
+    """
+    Frame the request whose line ends at ``eol``, and return it with the
+    offset after it, or ``(None, offset)`` when its data block is incomplete.
+    """
     line_end = eol + 1
     tokens = _tokens(stream[offset:eol])
     command = tokens[0] if tokens else b""
@@ -531,7 +538,7 @@ def _rejected_unit(raw: bytes, reply: bytes | str, silent: bool) -> Unit:
 
 def _reply_suppressed(tokens: list[bytes]) -> bool:
     # A classic command whose last token is "noreply" hides its errors,
-    # except the ERROR for a wrong number of tokens; meta commands never do.
+    # except the ERROR for a wrong number of tokens.  Meta commands never do.
     command = tokens[0]
     if command in _STORAGE or command in (b"incr", b"decr", b"touch"):
         return tokens[-1] == b"noreply"
@@ -664,7 +671,7 @@ def _parse_line(tokens: list[bytes]) -> tuple[bytes, bool, bool, bool]:
     """
     Parse a request without a data block.
 
-    :return: its canonical form, whether it asked for no reply, whether it
+    :return: its canonical form, whether it requested no reply, whether it
         may reply with an error line, and whether it deletes a range.
     :raise _Rejected: the request is invalid.
     """

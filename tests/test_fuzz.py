@@ -1,8 +1,9 @@
 """
-Fuzz tests: random and half-valid input on text, meta, binary and range
-connections never raises out of ``dataReceived``, never reaches the
-connection's unexpected-error handler, and never disturbs another
-connection or the data it stored; a new connection is still served.
+Fuzz tests for random and half-valid input on text, meta, binary and
+range connections.  The input never raises out of ``dataReceived``, never
+reaches the connection's unexpected-error handler, and never disturbs
+another connection or the data it stored.  A new connection is still
+served.
 
 The tests with an oracle for the replies are in ``test_fuzz_text`` and
 ``test_fuzz_binary``.
@@ -83,8 +84,8 @@ class FuzzTests(SynchronousTestCase):
         return server
 
     def run_stream(self, data: bytes, split_at: list[int]) -> None:
-        # flush_all and range deletes are turned off: they destroy data on
-        # purpose, and the key KEPT_KEY is not among the fuzzed words.
+        # flush_all and range deletes are turned off because they destroy
+        # data on purpose.  The key KEPT_KEY is not among the fuzzed words.
         server = self.fuzz(Settings(threads=1, allow_destructive=False), data, split_at)
         keeper = server.connect()
         self.assertEqual(keeper.send(b"get %s\r\n" % KEPT_KEY), b"VALUE %s 5 4\r\n%s\r\nEND\r\n" % (KEPT_KEY, KEPT_VALUE))
@@ -107,7 +108,7 @@ class FuzzTests(SynchronousTestCase):
 
     @fuzz_settings(200)
     @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
-    def test_random_bytes_on_binary_connection_never_fail(self, data: bytes, split_at: list[int]) -> None:
+    def test_random_bytes_binary_never_fail(self, data: bytes, split_at: list[int]) -> None:
         # The first byte 0x80 makes the connection a binary one.
         self.run_stream(b"\x80" + data, split_at)
 

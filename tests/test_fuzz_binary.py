@@ -6,11 +6,14 @@ the reply that :func:`tests.fuzz_binary.frame_binary` predicts.  That is
 the exact error response (and a close where memcached closes), a close
 without a reply for a wrong magic, or, when the corruption made another
 valid request, that request's normal reply.  A twin server gives the
-normal reply, and the test checks its opcode, opaque and status.  Valid
-pipelines split at every byte boundary must get the same replies as in
-one read.  In every case nothing may raise out of ``dataReceived`` or
-reach the connection's unexpected-error log, the fuzzed server's items
-must equal the twin's, and a new connection must still be served.
+normal reply, and the test checks its opcode, opaque and status.  After
+each corrupted stream the fuzzed server's items must equal the twin's,
+and a new connection must still be served.
+
+Valid and corrupted pipelines split at every byte boundary must get the
+same replies and leave the same items as in one read.  In every test
+nothing may raise out of ``dataReceived`` or reach the connection's
+unexpected-error log.
 """
 
 from __future__ import annotations
@@ -68,10 +71,10 @@ def encode_pipeline(packets: list[Packet]) -> bytes:
 @st.composite
 def corrupted_streams(draw: st.DrawFn) -> bytes:
     """
-    A pipeline of requests of which at least one, and each with a chance
-    of three in four, has exactly one corrupted field, between two NOOPs.
-    The first NOOP makes the connection a binary one whatever the first
-    corruption is.
+    Draw a pipeline of requests between two NOOPs.  Each request has
+    exactly one corrupted field with a chance of three in four, and at
+    least one request is corrupted.  The first NOOP makes the connection a
+    binary one whatever the first corruption is.
     """
     corrupted = st.sampled_from([True, True, True, False])
     pipeline = draw(st.lists(st.tuples(binary_requests(), corrupted), min_size=1, max_size=5))
@@ -102,7 +105,10 @@ class BinaryFuzzTestCase(FuzzTestCase):
         self.assertEqual(reply[2 * HEADER.size :], struct.pack(">I", 3) + b"ok")
 
     def binary_twin_reply(self, twin: FuzzServer, unit: Unit, stream: bytes) -> tuple[bytes, bool]:
-        """Send one unit to the twin on a new binary connection; check and return its reply and whether it closed."""
+        """
+        Send one unit to the twin on a new binary connection, check its
+        reply, and return the reply and whether the connection closed.
+        """
         context = "unit %r of stream %s" % (unit, describe(stream))
         if unit.outcome == "drop":
             return b"", True
@@ -110,16 +116,18 @@ class BinaryFuzzTestCase(FuzzTestCase):
         self.assertEqual(parse_responses(client.send(noop(PRIMER_OPAQUE))), [Response(NOOP, 0, PRIMER_OPAQUE)])
         reply = twin.deliver(client, [unit.raw])
         context += ": reply %r" % (reply,)
+
         if unit.outcome == "reject":
             self.assertEqual(reply, unit.reply, context)
             self.assertEqual(client.closed, unit.close, context)
             return reply, client.closed
+
         rule = RULES[unit.opcode]
         for response in parse_responses(reply):
             self.assertEqual((response.opcode, response.opaque), (unit.opcode, unit.opaque), context)
             self.assertIn(response.status, rule.statuses, context)
             if rule.quiet:
-                # A quiet get hides misses, every other quiet opcode successes.
+                # A quiet get hides misses, and every other quiet opcode hides successes.
                 hidden = KEY_ENOENT if unit.opcode in QUIET_GETS else SUCCESS
                 self.assertNotEqual(response.status, hidden, context)
         return reply, client.closed
@@ -157,14 +165,14 @@ class CorruptedBinaryRequestTests(BinaryFuzzTestCase):
 
 
 class SplitBinaryPipelineTests(BinaryFuzzTestCase):
-    """Valid binary pipelines delivered in pieces."""
+    """Valid and corrupted binary pipelines delivered in pieces."""
 
     @fuzz_settings(20)
     @given(st.lists(binary_requests(), min_size=1, max_size=4))
     def test_binary_pipeline_split_everywhere(self, packets: list[Packet]) -> None:
         stream = encode_pipeline(packets) + noop(SENTINEL_OPAQUE)
         framing = frame_binary(stream)
-        # A value past the item size limit gets "Too large.", which is no error of framing.
+        # A value past the item size limit gets "Too large.", which is not a framing error.
         self.assertLessEqual({unit.outcome for unit in framing.units}, {"execute", "reject"}, framing)
         self.check_split_everywhere(stream)
 

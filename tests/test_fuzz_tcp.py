@@ -1,12 +1,12 @@
 """
-The fuzz oracle over real TCP: corrupted classic text and binary requests
-sent to an in-process server on the real reactor must get the replies the
-oracle and the twin predict, leave the same items as the twin, and leave
-the server serving new connections.
+The fuzz oracle over real TCP.  Corrupted classic text and binary
+requests go to an in-process server on the real reactor.  They must get
+the replies that the oracle and the twin predict and leave the same items
+as the twin, and the server must keep serving new connections.
 
 Hypothesis runs in a worker thread with blocking sockets, so the
-reactor thread keeps serving; the server is read and checked through
-``blockingCallFromThread``.  One server and one twin serve all the
+reactor thread keeps serving.  The test reads and checks the server
+through ``blockingCallFromThread``.  One server and one twin serve all the
 examples, receiving the same streams in the same order, so that their
 items and CAS values stay equal from one example to the next.
 """
@@ -44,15 +44,19 @@ TIMEOUT = 10.0
 
 def receive(connection: socket.socket, length: int, until_close: bool) -> tuple[bytes, bool]:
     """
-    Read ``length`` bytes, or until the server closes when ``until_close``;
-    return what arrived and whether the server closed.
+    Read ``length`` bytes, or until the server closes when ``until_close``.
+    Return what arrived and whether the server closed the connection.
     """
     received = b""
     while len(received) < length or until_close:
         try:
             chunk = connection.recv(65536)
-        except (socket.timeout, ConnectionResetError):
-            return received, until_close
+        except socket.timeout:
+            # A server that should close but keeps the connection open
+            # times out here and must not count as closed.
+            return received, False
+        except ConnectionResetError:
+            return received, True
         if not chunk:
             return received, True
         received += chunk
@@ -60,7 +64,7 @@ def receive(connection: socket.socket, length: int, until_close: bool) -> tuple[
 
 
 def item_fields(items: dict) -> dict:
-    """The fields of items that do not depend on the clock: value, flags and CAS."""
+    """Return the fields of items that do not depend on the clock: value, flags and CAS."""
     return {key: (item.value, item.flags, item.cas) for key, item in items.items()}
 
 

@@ -5,11 +5,14 @@ Valid requests with exactly one corrupted field must get the reply that
 :func:`tests.fuzz_text.frame_text` predicts.  That is memcached's error
 line (its class only, for meta commands), a close, or, when the
 corruption made another valid request, that request's normal reply, which
-a twin server gives for its canonical form.  Valid pipelines split at
-every byte boundary must get the same replies as in one read.  In every
-case nothing may raise out of ``dataReceived`` or reach the connection's
-unexpected-error log, the fuzzed server's items must equal the twin's,
-and a new connection must still be served.
+a twin server gives for its canonical form.  After each corrupted stream
+the fuzzed server's items must equal the twin's, and a new connection
+must still be served.
+
+Valid and corrupted pipelines split at every byte boundary must get the
+same replies and leave the same items as in one read.  In every test
+nothing may raise out of ``dataReceived`` or reach the connection's
+unexpected-error log.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ _ERROR_REPLY = re.compile(rb"(ERROR|CLIENT_ERROR |SERVER_ERROR )")
 @st.composite
 def corrupted_streams(draw: st.DrawFn, requests: st.SearchStrategy) -> bytes:
     """
-    A pipeline of requests of which at least one, and each with a chance
-    of three in four, has exactly one corrupted field, ended by ``mn``.
+    Draw a pipeline of requests ended by ``mn``.  Each request has exactly
+    one corrupted field with a chance of three in four, and at least one
+    request is corrupted.
     """
     corrupted = st.sampled_from([True, True, True, False])
     pipeline = draw(st.lists(st.tuples(requests, corrupted), min_size=1, max_size=6))
@@ -68,10 +72,12 @@ class TextFuzzTestCase(FuzzTestCase):
         self.assertEqual(client.send(b"mn\r\n"), b"MN\r\n")
         reply = twin.deliver(client, [unit.twin])
         context = "unit %r of stream %s: reply %r" % (unit, describe(stream), reply)
+
         if unit.outcome == "close":
             self.assertTrue(client.closed, context)
             self.assertEqual(reply, b"", context)
             return reply
+
         self.assertFalse(client.closed, context)
         if unit.outcome == "reject":
             if unit.silent:
@@ -120,7 +126,7 @@ class CorruptedMetaRequestTests(TextFuzzTestCase):
 
 
 class SplitPipelineTests(TextFuzzTestCase):
-    """Valid pipelines delivered in pieces."""
+    """Valid and corrupted pipelines delivered in pieces."""
 
     @fuzz_settings(25)
     @given(st.lists(classic_requests, min_size=1, max_size=5))

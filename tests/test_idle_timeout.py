@@ -2,8 +2,8 @@
 Tests for ``--idle-timeout`` (``Settings.idle_timeout``): which connections
 are closed and when, what is counted and logged, and the option itself.
 
-memcached 1.6.18 with ``-o idle_timeout=N``, tried on 127.0.0.1, is the
-reference: it closes a connection waiting for a request without writing
+The reference is memcached 1.6.18 with ``-o idle_timeout=N``, tried on
+127.0.0.1.  It closes a connection waiting for a request without writing
 anything, counts it in ``idle_kicks`` and shows ``idle_timeout`` in
 ``stats settings``.  It leaves alone a connection that is in the middle
 of sending a value or whose replies the client has not read, and partial
@@ -236,7 +236,7 @@ class IdleTimeoutTests(SynchronousTestCase):
 
         self.assertIn(b"STAT idle_kicks 1\r\n", stats)
         self.assertIn(b"STAT idle_timeout 10\r\n", settings)
-        # The same place as in memcached 1.6.18's stats.
+        # idle_kicks sits between auth_errors and bytes_read, as in memcached 1.6.18.
         self.assertIn(b"STAT auth_errors 0\r\nSTAT idle_kicks 1\r\nSTAT bytes_read", stats)
 
 

@@ -28,7 +28,7 @@ from tests.support import Client, FakeReactor, FakeThreadPool, MemcachedProcess,
 
 REJECTION = b"ERROR Too many open connections\r\n"
 
-#: The items the unread-replies tests fetch: 100 values of 10 KB.
+#: The items the unread-replies tests fetch: 100 values of 10 KiB.
 KEY_COUNT = 100
 VALUE_SIZE = 10 * 1024
 
@@ -39,8 +39,8 @@ GREEDY_SEND_LIMIT = 200 * MiB
 #: the kernel's socket buffers and the server's input backlog.
 STALL_SECONDS = 3.0
 
-#: Twisted's transport write buffer: above this many bytes
-#: (``FileDescriptor.bufferSize``) it pauses the connection.
+#: Size of Twisted's transport write buffer (``FileDescriptor.bufferSize``).
+#: Above this many bytes, the transport pauses the connection.
 TRANSPORT_BUFFER = 64 * 1024
 
 #: How much the server's RSS may grow while a client sends requests and
@@ -67,9 +67,9 @@ ITEM_SIZE_LIMIT = 1024 * 1024
 LOAD_VALUE_SIZES = [10, 100, 1000, 5000, 20000, 100000, 300000, ITEM_SIZE_LIMIT - 100]
 
 #: How much the server's RSS may grow during the load test.  Items cost
-#: more than ``--max-memory`` counts (the store accounts key, value and 48
-#: bytes per item, but Python adds a key object, a dict slot and a
-#: sorted-list slot), and writes copy each value through the input buffer.
+#: more than ``--max-memory`` counts, because the store accounts key, value
+#: and 48 bytes per item, but Python adds a key object, a dict slot and a
+#: sorted-list slot.  Writes also copy each value through the input buffer.
 #: Measured on a 2-core test machine: 41 to 45 MiB of peak growth
 #: (``VmHWM``) for 32 MiB of items, about 1.3 times the limit.
 LOAD_GROWTH_BOUND = int(2.5 * LOAD_MAX_MEMORY * MiB)
@@ -291,7 +291,7 @@ class LongReplyTests(SynchronousTestCase):
         self.assertEqual(self.factory.stats.cmd_get, KEY_COUNT)
         self.assertEqual(self.factory.stats.get_hits, KEY_COUNT)
 
-    def test_long_gets_and_gat_wait_for_transport(self) -> None:
+    def test_long_gets_gat_wait_for_transport(self) -> None:
         keys = [item_key(number) for number in range(KEY_COUNT)]
 
         self.protocol.dataReceived(b"gets " + b" ".join(keys) + b"\r\n")
@@ -303,7 +303,7 @@ class LongReplyTests(SynchronousTestCase):
         self.assertEqual(gat_reply, self.expected_reply(keys))
         self.assertEqual(self.factory.stats.touch_hits, KEY_COUNT)
 
-    def test_long_get_with_bad_key_sends_only_error(self) -> None:
+    def test_long_get_bad_key_only_error(self) -> None:
         # memcached sends none of the values when a later key is too long.
         keys = [item_key(number) for number in range(KEY_COUNT)] + [b"k" * 251]
 
@@ -328,7 +328,7 @@ class LongReplyTests(SynchronousTestCase):
 class GreedyClient:
     """
     A connection that sends ``chunk`` over and over from a thread and reads
-    nothing, until GREEDY_SEND_LIMIT bytes are sent or :meth:`stop`.
+    nothing, until GREEDY_SEND_LIMIT bytes are sent or :meth:`stop` is called.
     """
 
     def __init__(self, daemon: DaemonProcess, chunk: bytes) -> None:
@@ -404,7 +404,7 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
             )
 
     def wait_for_close(self) -> None:
-        """Wait until the server has closed every connection but the one asking."""
+        """Wait until the server has closed every connection except the one that reads the stats."""
         while self.daemon.stats()[b"curr_connections"] != b"1":
             time.sleep(0.1)
 
@@ -414,8 +414,8 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
         greedy = GreedyClient(self.daemon, b"".join(requests) * 50)
         try:
             greedy.wait_until_stalled()
-            # The server stopped reading long before the limit: the kernel's
-            # socket buffers hold at most a few tens of MiB.
+            # The server stopped reading long before the limit.  After that,
+            # the kernel's socket buffers take at most a few tens of MiB more.
             self.assertLess(greedy.sent, GREEDY_SEND_LIMIT)
             self.check_server_works()
             growth_while_stalled = peak_rss(self.daemon.pid) - baseline
@@ -451,7 +451,7 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
 
         with self.daemon.connect() as greedy:
             greedy.sendall(request)
-            # Wait until the server has stopped writing values: then
+            # Wait until the server has stopped writing values.  After that,
             # bytes_written grows only by the stats replies themselves.
             written = written_before
             while True:
@@ -476,8 +476,7 @@ class UnreadRepliesMemoryTests(SynchronousTestCase):
         self.assertEqual(bytes(received), expected)
         self.check_server_works()
 
-
-    def test_long_get_line_with_bad_key_bounded(self) -> None:
+    def test_long_get_line_bad_key_bounded(self) -> None:
         # memcached replies with only the error when the last key is too
         # long, so the values before it must not be built up either.
         keys = [item_key(number % KEY_COUNT) for number in range(20000)]

@@ -1,6 +1,6 @@
 """
-Tests for kvdaemon._logging: the per-connection cap on log events, alone
-and on connections that send bad requests in a loop.
+Tests for kvdaemon._logging: the per-connection and server-wide caps on
+log events, alone and on connections that send bad requests in a loop.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ _RESPONSE_HEADER = struct.Struct(">BBHBBHIIQ")
 
 
 def response(opcode: int, status: int = STATUS_SUCCESS, opaque: int = 0, value: bytes | None = None) -> bytes:
-    """Build a binary response without key or extras; an error status gets memcached's text as its value."""
+    """Build a binary response without key or extras.  An error status gets memcached's text as its value."""
     if value is None:
         value = STATUS_TEXT.get(status, b"")
     header = _RESPONSE_HEADER.pack(0x81, opcode, 0, 0, 0, status, len(value), opaque, 0)
@@ -287,7 +287,7 @@ TEXT_CASES = [
     text("ma invalid mode", b"ma k MX\r\n", b"CLIENT_ERROR invalid mode for ma M token\r\n"),
     text("me without key", b"me\r\n", BAD_FORMAT),
     text("me base64 key invalid", b"me a*b b\r\n", BAD_FORMAT),
-    # kvdaemon's range commands: memcached reads them as unknown commands.
+    # kvdaemon's range commands, which memcached reads as unknown commands.
     text("rget missing arguments", b"rget 0 0\r\n", b"ERROR\r\n"),
     text(
         "rget inclusive flag 2",
@@ -563,7 +563,7 @@ class ReplyReader(Protocol):
 
 @defer.inlineCallbacks
 def send_case(port: int, case: Case, server: str):
-    """Send ``case`` to 127.0.0.1:``port`` on a new connection; fire with the :class:`Reply`."""
+    """Send ``case`` to 127.0.0.1:``port`` on a new connection, and fire with the :class:`Reply`."""
     reply, closes = case.expected(server)
     reader = ReplyReader(case.request, len(reply), closes)
     yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reader)
@@ -572,7 +572,7 @@ def send_case(port: int, case: Case, server: str):
 
 
 def replay(port: int, server: str) -> defer.Deferred:
-    """Send every row of :data:`CASES` at once; fire with a list of :class:`Reply` in row order."""
+    """Send every row of :data:`CASES` at once, and fire with a list of :class:`Reply` in row order."""
     return defer.gatherResults([send_case(port, case, server) for case in CASES], consumeErrors=True)
 
 

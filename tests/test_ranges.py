@@ -712,7 +712,7 @@ class AdminSwitchesReferenceTests(TestCase):
     @defer.inlineCallbacks
     def test_disabled_mgdump_rejected(self):
         # memcached 1.6.18 has no mgdump, so there is nothing to compare
-        # with: kvdaemon answers in the form memcached uses for metadump.
+        # with.  kvdaemon replies in the form memcached uses for metadump.
         service, port = yield start_server(self, Settings(threads=2, allow_dumps=False))
         fill_store(service.factory.store, b"k", 5, 10)
         with capturedLogs() as events:

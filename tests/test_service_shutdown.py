@@ -108,8 +108,8 @@ class GracefulStopTests(SynchronousTestCase):
             ["tcp:11211:interface=127.0.0.1"],
             reactor=self.reactor,
         )
-        # Streams run on the stepped pool; the service still starts and
-        # stops its own (thread-less until work arrives) ThreadPool.
+        # Streams run on the stepped pool.  The service still starts and
+        # stops its own ThreadPool, which has no threads until work arrives.
         self.service.factory.threadpool = self.pool  # type: ignore[assignment]
         self.service.startService()
         self.factory = self.service.factory
@@ -156,8 +156,8 @@ class GracefulStopTests(SynchronousTestCase):
     def test_written_replies_kept_then_closed(self) -> None:
         client = self.connect()
         client.protocol.dataReceived(b"set k 0 0 5\r\nhello\r\n")
-        # The transport's buffer is full: the connection stops executing
-        # requests, so the get below waits unexecuted.
+        # Pausing simulates a full transport buffer, so the connection
+        # stops executing requests and the get below waits unexecuted.
         client.protocol.pauseProducing()
         client.protocol.dataReceived(b"get k\r\n")
         self.assertEqual(client.transport.value(), b"STORED\r\n")
@@ -342,7 +342,7 @@ class ShutdownOptionTests(SynchronousTestCase):
             self.assertIn("from 0 to 3600 seconds", str(raised.exception))
 
 
-#: memcached 1.6.18 has no binary shutdown command: with or without ``-A``
+#: memcached 1.6.18 has no binary shutdown command.  With or without ``-A``
 #: it replies "Unknown command" to Couchbase's shutdown opcode 0x29, and
 #: to 0x2c.
 SHUTDOWN_OPCODES = [0x29, 0x2C]
@@ -385,7 +385,7 @@ class ShutdownReferenceTests(TestCase):
 
 
 def read_until_closed(connection: socket.socket) -> tuple[bytes, bool]:
-    """Read until the peer closes; return the bytes and whether it reset the connection."""
+    """Read until the peer closes, and return the bytes and whether it reset the connection."""
     received = b""
     while True:
         try:
@@ -470,7 +470,7 @@ class LoadWorker(threading.Thread):
         self.error: BaseException | None = None
 
     def request(self, data: bytes, expected: bytes) -> bool:
-        """Send ``data`` and read its reply; return False once the server has closed the connection."""
+        """Send ``data`` and read its reply.  Return False once the server has closed the connection."""
         try:
             self.connection.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -570,15 +570,15 @@ class TwistdStopTests(SynchronousTestCase):
         # the port stops accepting connections.  The kernel completes
         # handshakes until the listening socket is closed, a reactor
         # iteration after the server stopped reading it, so poll.
-        refused = False
+        connection_refused = False
         for _ in range(1000):
             try:
                 socket.create_connection(("127.0.0.1", server.port), timeout=30).close()
             except ConnectionRefusedError:
-                refused = True
+                connection_refused = True
                 break
             time.sleep(0.01)
-        self.assertTrue(refused)
+        self.assertTrue(connection_refused)
         self.assertIsNone(server.process.poll())
 
         for worker in workers:

@@ -149,7 +149,7 @@ class AuthenticationGateTests(SynchronousTestCase):
         self.assertEqual(reply, b"STORED\r\n")
 
     def test_binary_request_gets_no_reply(self) -> None:
-        # A binary get header: no newline byte, so the gate waits for one.
+        # A binary get header contains no newline byte, so the gate waits for one.
         header = b"\x80\x00" + b"\x00" * 22
         self.assertEqual(self.client.send(header), b"")
         self.assertFalse(self.client.closed)
@@ -175,7 +175,7 @@ class AuthenticationGateTests(SynchronousTestCase):
     def test_sasl_takes_precedence(self) -> None:
         factory = make_factory(sasl_users={b"alice": b"secret"})
         client = Client(factory)
-        # SASL makes the connection binary: a text request gets no reply.
+        # SASL makes the connection binary, so a text request gets no reply.
         self.assertEqual(client.send(b"get kept\r\n"), b"")
 
     def test_settings_stats_show_auth(self) -> None:
@@ -225,8 +225,8 @@ class AuthReferenceTests(TestCase):
 
     @defer.inlineCallbacks
     def test_replies_match_memcached(self):
-        # One request per step: memcached 1.6.18 answers only the first
-        # request of each read until the connection has authenticated.
+        # One request per step, because memcached 1.6.18 replies only to the
+        # first request of each read until the connection has authenticated.
         steps = [
             b"get foo\r\n",
             b"version\r\n",
@@ -269,8 +269,8 @@ class AuthClientTests(TestCase):
         def use_client() -> tuple[bool, bytes | None, dict[bytes, bytes]]:
             client = pymemcache.Client(("127.0.0.1", port), timeout=5)
             try:
-                # pymemcache sends sets with noreply by default; the login
-                # reply must be read before the next request.
+                # pymemcache sends sets with noreply by default, but the
+                # login reply must be read before the next request.
                 logged_in = client.set("auth", b"bob pw2", noreply=False)
                 client.set("k1", b"v1")
                 client.set("k2", b"v2")

@@ -83,7 +83,7 @@ DHE_CIPHER = "DHE-RSA-AES128-GCM-SHA256"
 class CertificateFiles:
     """PEM files for a TLS server and the clients that verify it."""
 
-    #: The root authority's certificate: what clients trust.
+    #: The root authority's certificate, which clients trust.
     root: Path
     #: The intermediate authority's certificate (``extraCertChain=``).
     chain: Path
@@ -197,15 +197,15 @@ def ssl_listen(files: CertificateFiles) -> str:
 def verifying_context(root: Path) -> ssl.SSLContext:
     """Return a client context that trusts only ``root`` and checks the server's address (check_hostname on)."""
     context = ssl.create_default_context(cafile=str(root))
-    # create_default_context turns both on already; set them so that the
-    # test does not depend on that default.
+    # create_default_context turns both on already, but setting them keeps
+    # the test independent of that default.
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
 def connect_tls(port: int, context: ssl.SSLContext, receive_buffer: int | None = None) -> ssl.SSLSocket:
-    """Connect to 127.0.0.1:``port`` and complete a TLS handshake; the caller closes the socket."""
+    """Connect to 127.0.0.1:``port`` and complete a TLS handshake.  The caller closes the socket."""
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if receive_buffer is not None:
         # Set before connecting, so that the TCP window is small from the
@@ -229,8 +229,8 @@ def tls_exchange(port: int, context: ssl.SSLContext, request: bytes, terminator:
 def start_stalled_tls_scan(port: int, context: ssl.SSLContext, request: bytes) -> tuple[ssl.SSLSocket, bytes]:
     """
     Send ``request`` over TLS from a client with a small receive buffer,
-    read at least 64 KiB of the reply, and return the socket, which then
-    reads nothing more, with the bytes read.
+    and read at least 64 KiB of the reply.  Return the socket, which then
+    reads nothing more, and the bytes read.
     """
     client = connect_tls(port, context, SMALL_RECEIVE_BUFFER)
     client.sendall(request)
@@ -245,7 +245,7 @@ def start_stalled_tls_scan(port: int, context: ssl.SSLContext, request: bytes) -
 
 def read_to_close(client: ssl.SSLSocket) -> tuple[int, bytes]:
     """
-    Read until the server closes or resets the connection; return the
+    Read until the server closes or resets the connection, and return the
     number of bytes read and the last 16 of them.
 
     :raise AssertionError: the connection stayed open with nothing to
@@ -287,7 +287,7 @@ def buffered_below_connection(tls_transport: Any) -> int:
 def wait_for_still_stream(service: Any, polls: int = 5, timeout: float = 30.0) -> Any:
     """
     Wait until the server's only stream is paused, uses no thread and has
-    sent nothing new for ``polls`` polls 50 ms apart; return the stream.
+    sent nothing new for ``polls`` polls 50 ms apart, and return the stream.
 
     A stream to a client that stops reading can pause and resume a few
     times at first, while Linux grows the server socket's send buffer.
@@ -328,7 +328,7 @@ class TLSEndpointTests(TestCase):
         reply = yield threads.deferToThread(tls_exchange, port, context, setup + b"get k00007\r\n", b"END\r\n")
         self.assertEqual(reply, b"VALUE k00007 0 %d\r\n%s\r\nEND\r\n" % (len(values[7]), values[7]))
 
-        # About 350 KB through a 16 KiB stream buffer: many steps and
+        # About 340 KB through a 16 KiB stream buffer takes many steps and
         # pauses, all behind the TLS layer.
         reply = yield threads.deferToThread(tls_exchange, port, context, b"rget 1 1 0 k\r\nversion\r\n", b"VERSION 1.6.18\r\n")
         expected = b"".join(b"VALUE k%05d 0 %d\r\n%s\r\n" % (number, len(value), value) for number, value in enumerate(values))
@@ -374,6 +374,32 @@ class TLSEndpointTests(TestCase):
         self.assertEqual(accepted, (DHE_CIPHER, b"VERSION 1.6.18\r\n"))
         self.assertIsInstance(rejected, ssl.SSLError)
         self.assertIn("HANDSHAKE_FAILURE", rejected.reason)
+
+    @defer.inlineCallbacks
+    def test_tls_versions_below_1_2_rejected(self) -> None:
+        files = write_certificates(temporary_directory(self))
+        service, _ = yield start_server(self, Settings(threads=2), ssl_listen(files))
+        port = service.ports[0].getHost().port
+
+        def negotiate(version: ssl.TLSVersion) -> str | ssl.SSLError:
+            context = verifying_context(files.root)
+            # Security level 0 lets this client offer TLS 1.1 at all, so a
+            # failure comes from the server's refusal.
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            context.minimum_version = version
+            context.maximum_version = version
+            try:
+                with connect_tls(port, context) as connection:
+                    return connection.version()
+            except ssl.SSLError as error:
+                return error
+
+        accepted = yield threads.deferToThread(negotiate, ssl.TLSVersion.TLSv1_2)
+        rejected = yield threads.deferToThread(negotiate, ssl.TLSVersion.TLSv1_1)
+
+        self.assertEqual(accepted, "TLSv1.2")
+        self.assertIsInstance(rejected, ssl.SSLError)
+        self.assertEqual(rejected.reason, "TLSV1_ALERT_PROTOCOL_VERSION")
 
     @defer.inlineCallbacks
     def test_plain_text_client_closed(self) -> None:
@@ -453,7 +479,7 @@ class TLSStreamingTests(TestCase):
         stream = yield wait_for_still_stream(service)
         connection = next(c for c in service.factory.connections if c.stream is stream)
 
-        # The server stopped producing well short of the reply: the rest of
+        # The server stopped producing well short of the reply.  The rest of
         # what it sent sits in the kernel's socket buffers (Linux's default
         # tcp_wmem maximum is 4 MiB) and in the buffers measured below.
         self.assertLess(stream.bytes_sent, total // 2)
@@ -553,7 +579,7 @@ class PymemcacheTLSTests(TestCase):
 
         self.assertEqual(results, [True, True, b"hello", large, True, None, b"1.6.18"])
         # pymemcache verified the certificate chain up to the root during
-        # the handshake; the socket shows the server certificate it
+        # the handshake.  The socket shows the server certificate it
         # accepted.
         certificate = client.sock.getpeercert()
         self.assertEqual(certificate["subjectAltName"], (("IP Address", SERVER_ADDRESS),))
